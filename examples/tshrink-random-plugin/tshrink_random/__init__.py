@@ -1,0 +1,1 @@
+"""Example third-party plugin for tshrink (see CONTRIBUTING.md)."""

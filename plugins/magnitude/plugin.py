@@ -1,0 +1,76 @@
+"""The magnitude plugin: weight-norm scores, the generic budget selectors, and classic
+unstructured magnitude pruning. Thin glue over :mod:`.scores` and :mod:`tshrink.selection`."""
+from __future__ import annotations
+
+from typing import Any
+
+from tshrink import hookimpl
+from tshrink.spec import MethodSpec, Option, Recipe, StageSpec
+
+NORM = Option("norm", "l2", "weight norm used as a unit's score", ("l1", "l2"))
+NORMALIZE = Option("normalize", "kind", "global ranking: divide scores by the mean of their kind "
+                   "('kind'), of their kind within the layer ('layer'), or not at all", ("kind", "layer", "none"))
+PER_COST = Option("per_cost", False, "global ranking: rank by score per MAC instead of score")
+
+
+@hookimpl
+def tshrink_stages() -> list[StageSpec]:
+    return [
+        StageSpec("score", "magnitude", "norm of each unit's weights", options=(NORM,)),
+        StageSpec("select", "global", "one ranking over all layers, greedy under the FLOPs budget",
+                  options=(NORMALIZE, PER_COST)),
+        StageSpec("select", "uniform", "the same kept fraction of heads and neurons in every layer"),
+        StageSpec("transform", "unstructured-magnitude",
+                  "zero the smallest weights of all layer Linears (sparsity = 1 - budget unless set)",
+                  options=(Option("sparsity", -1.0, "fraction of weights to zero; -1 means 1 - budget"),)),
+    ]
+
+
+@hookimpl
+def tshrink_methods() -> list[MethodSpec]:
+    return [
+        MethodSpec("magnitude", Recipe(score="magnitude", select="global"),
+                   "structured magnitude pruning of heads and neurons, global ranking, no correction"),
+        MethodSpec("magnitude-uniform", Recipe(score="magnitude", select="uniform"),
+                   "structured magnitude pruning, same fraction kept in every layer"),
+        MethodSpec("magnitude-unstructured", Recipe(transform=("unstructured-magnitude",)),
+                   "classic unstructured magnitude pruning (zeros; dense FLOPs unchanged)",
+                   paper="Han et al., Learning both Weights and Connections, NeurIPS 2015"),
+    ]
+
+
+@hookimpl
+def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
+    if name != "magnitude":
+        return None
+    from tshrink.units import UnitScores
+
+    from .scores import head_scores, neuron_scores
+
+    n = ctx.adapter.num_layers
+    return UnitScores([head_scores(ctx.adapter, i, options["norm"]) for i in range(n)],
+                      [neuron_scores(ctx.adapter, i, options["norm"]) for i in range(n)])
+
+
+@hookimpl
+def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) -> Any:
+    from tshrink.selection import select_global, select_uniform
+
+    if name == "global":
+        return select_global(scores, ctx.cost, ctx.budget, normalize=options["normalize"],
+                             per_cost=options["per_cost"])
+    if name == "uniform":
+        return select_uniform(scores, ctx.cost, ctx.budget)
+    return None
+
+
+@hookimpl
+def tshrink_transform(name: str, ctx: Any, options: dict[str, Any]) -> Any:
+    if name != "unstructured-magnitude":
+        return None
+    from tshrink.units import TransformResult
+
+    from .scores import unstructured_prune
+
+    sparsity = options["sparsity"] if options["sparsity"] >= 0 else 1.0 - ctx.budget
+    return TransformResult(report=unstructured_prune(ctx.adapter, sparsity))

@@ -1,0 +1,412 @@
+"""Interpolative decompositions and least-squares folding: the numerical core of STAT.
+
+STAT (Flynn et al., arXiv 2406.00061) prunes the neurons of an MLP, or the heads of an
+attention block, by a column interpolative decomposition (ID) of the activation matrix
+``A`` (tokens x units): ``A ~ A[:, cols] @ T`` with ``T[:, cols] = I``. Keeping the units
+``cols`` and replacing the next layer's weight ``W`` (torch convention ``y = x W^T``) by
+``W T^T`` reproduces ``A W^T`` up to the ID error. Everything here is pure math on tensors.
+
+Two routes to the same ID:
+
+* ``interpolative_decomposition(A)`` -- column-pivoted QR ``A P = Q R`` (Businger-Golub).
+  torch has no pivoted QR, so ``A`` is copied to float64 on the CPU and handed to
+  ``scipy.linalg.qr(..., pivoting=True)`` in ``mode='raw'``: that is the economic
+  factorisation without forming ``Q`` (which the ID never needs), saving an ``m x n``
+  matrix and half the time. Cost ``O(m n^2)``; feed a sketch (see ``sketch.py``) when ``m``
+  is large.
+* ``id_from_gram(G)`` with ``G = A^T A`` (streamed by ``GramAccumulator``) -- pivoted
+  Cholesky, pure torch, so it runs where ``G`` lives (GPU included). Its ``L^T`` is the ``R``
+  of the pivoted QR and, in exact arithmetic, its pivots are the same. Squaring ``A``
+  squares the condition number: singular values below about ``sqrt(n * eps) ~ 1e-7``
+  times the largest are numerical noise here, so the Gram route resolves less of the tail
+  than the QR route does.
+
+Residuals. For rank ``r`` with ``R = [[R11, R12], [0, R22]]`` (``R11`` is ``r x r``),
+``A - A[:, I_r] T_r = -Q2 R22`` after undoing the pivoting, so ``||R22||_F`` is the exact
+Frobenius error of the rank-``r`` ID. ``ID.residuals[r]`` stores it (from the trailing
+row norms of ``R``, or the trace of the Schur complement of ``G``); it is an upper bound on
+the spectral error and at most ``sqrt(min(m, n) - r)`` times it.
+
+Rank deficiency is handled by truncation: the numerical rank ``r_num`` is the number of
+leading pivots above ``max(m, n) * eps * |R[0, 0]|`` (QR) or ``n * eps * max(diag G)`` on
+the squared scale (Gram). When ``k > r_num`` the ``k`` requested columns are all kept (the
+caller's width is respected) but the other columns are interpolated from the first
+``r_num`` kept ones only; the extra kept columns get identity rows. No inverse of a
+singular block is ever formed, so no inf/NaN; the error is that of the rank-``r_num`` ID,
+i.e. at noise level.
+
+Block selection (heads) and the least-squares fold work from ``G`` alone; see
+``select_blocks`` and ``least_squares_fold``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
+# -- validation -------------------------------------------------------------------------
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError if ``t`` holds a NaN or an infinity."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf; pass finite values only")
+
+
+def _check_matrix(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D matrix, got shape {tuple(t.shape)}")
+    if t.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {t.dtype}")
+    check_finite(name, t)
+
+
+def _check_gram(G: torch.Tensor) -> None:
+    _check_matrix("G", G)
+    if G.shape[0] != G.shape[1]:
+        raise ValueError(f"G must be a square Gram matrix A^T A, got shape {tuple(G.shape)}")
+
+
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
+def _check_k(k: int | None, rtol: float | None, n: int) -> None:
+    if (k is None) == (rtol is None):
+        raise ValueError(f"give exactly one of k (a rank) or rtol (a tolerance); got k={k}, rtol={rtol}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n):
+        raise ValueError(f"k must be an integer rank in [0, {n}], got {k!r}")
+    if rtol is not None and not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"rtol must be a finite number >= 0, got {rtol!r}")
+
+
+def _as_index(name: str, idx: torch.Tensor | Sequence[int], n: int, device: torch.device) -> torch.Tensor:
+    """Validate a list of distinct column indices in ``[0, n)``; return a LongTensor."""
+    t = torch.as_tensor(idx, device=device)
+    if t.ndim != 1 or (t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)):
+        raise ValueError(f"{name} must be a 1-D sequence of integer column indices, got {idx!r}")
+    t = t.long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise ValueError(f"{name} must index columns in [0, {n}), got min {int(t.min())} max {int(t.max())}")
+    if t.unique().numel() != t.numel():
+        raise ValueError(f"{name} must not repeat a column, got {t.tolist()}")
+    return t
+
+
+# -- the decomposition ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ID:
+    """Column interpolative decomposition ``A ~ A[:, cols] @ T``.
+
+    ``cols`` (k,) kept columns in pivot order; ``T`` (k, n) with ``T[:, cols] = I``;
+    ``pivots`` (n,) full pivot order (``cols = pivots[:k]``); ``residuals`` (n+1,) the
+    Frobenius error of the rank-r ID for r = 0..n (nonincreasing, ``residuals[n] = 0``);
+    ``numerical_rank`` the number of pivots above the rank tolerance (module docstring).
+    """
+
+    cols: torch.Tensor
+    T: torch.Tensor
+    pivots: torch.Tensor
+    residuals: torch.Tensor
+    numerical_rank: int
+
+    @property
+    def k(self) -> int:
+        return int(self.cols.numel())
+
+
+def _rank_for(residuals: torch.Tensor, norm2: float, rtol: float) -> int:
+    """Smallest r with residuals[r] <= rtol * norm2 (residuals nonincreasing, last is 0)."""
+    ok = (residuals <= rtol * norm2).nonzero()
+    return int(ok[0]) if ok.numel() else residuals.numel() - 1
+
+
+def _assemble_T(R: torch.Tensor, pivots: torch.Tensor, k: int, r_num: int) -> torch.Tensor:
+    """T (k, n) in column order from the pivot-ordered upper-trapezoidal ``R`` (>= r_num rows)."""
+    n = pivots.numel()
+    Tp = torch.zeros(k, n, dtype=R.dtype, device=R.device)  # (k, n), pivot order
+    Tp[:, :k] = torch.eye(k, dtype=R.dtype, device=R.device)
+    r = min(k, r_num)
+    if r > 0 and k < n:
+        Tp[:r, k:] = torch.linalg.solve_triangular(R[:r, :r], R[:r, k:], upper=True)
+    T = torch.empty_like(Tp)
+    T[:, pivots] = Tp
+    return T
+
+
+def interpolative_decomposition(A: torch.Tensor, k: int | None = None, *, rtol: float | None = None) -> ID:
+    """Column ID of ``A`` (m, n) by column-pivoted QR (scipy, float64, CPU).
+
+    Give the rank ``k`` or ``rtol``: the smallest rank whose Frobenius residual (an upper
+    bound on the spectral error) is ``<= rtol * ||A||_2``. Results come back on ``A``'s
+    device, ``T``/``residuals`` in ``A``'s floating dtype.
+    """
+    _check_matrix("A", A)
+    m, n = A.shape
+    _check_k(k, rtol, n)
+    k = None if k is None else int(k)
+    a = np.array(A.detach().to("cpu", torch.float64).numpy(), dtype=np.float64, order="F", copy=True)
+    (_, _), R_np, piv_np = scipy.linalg.qr(a, mode="raw", pivoting=True, overwrite_a=True, check_finite=False)
+    R = torch.from_numpy(np.ascontiguousarray(R_np))  # (min(m, n), n), pivot order
+    pivots = torch.from_numpy(piv_np.astype(np.int64))
+
+    diag = R.diagonal().abs()
+    r_num = int((diag > max(m, n) * _EPS64 * diag[0]).long().cumprod(0).sum()) if float(diag[0]) > 0 else 0
+    row_energy = (R * R).sum(1)  # (min(m, n),), ||R[i, i:]||^2
+    tail = row_energy.flip(0).cumsum(0).flip(0).sqrt()
+    residuals = torch.zeros(n + 1, dtype=torch.float64)
+    residuals[: tail.numel()] = tail
+    residuals = torch.cummin(residuals, 0).values  # guard against rounding upticks
+
+    if k is None:
+        norm2 = float(torch.linalg.matrix_norm(R, 2)) if r_num else 0.0
+        k = _rank_for(residuals, norm2, float(rtol))
+    T = _assemble_T(R, pivots, k, r_num)
+    dev, dt = A.device, _out_dtype(A)
+    return ID(
+        cols=pivots[:k].to(dev),
+        T=T.to(dev, dt),
+        pivots=pivots.to(dev),
+        residuals=residuals.to(dev, dt),
+        numerical_rank=r_num,
+    )
+
+
+# -- Gram route -------------------------------------------------------------------------
+class GramAccumulator:
+    """Streams ``G = A^T A`` in float64 over batches of rows of ``A``.
+
+    ``update`` takes (..., n) activations (leading dims are flattened into rows) on any
+    device; ``G`` lives on the device of the first batch unless ``device`` is given.
+    """
+
+    def __init__(self, n: int, *, device: torch.device | str | None = None) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive number of columns, got {n!r}")
+        self.n = n
+        self.rows = 0
+        self._device = None if device is None else torch.device(device)
+        self._G: torch.Tensor | None = None
+
+    def update(self, A_batch: torch.Tensor) -> None:
+        """Add ``A_batch^T A_batch`` for a batch of rows (..., n)."""
+        if not isinstance(A_batch, torch.Tensor) or A_batch.ndim < 1 or A_batch.shape[-1] != self.n:
+            shape = tuple(A_batch.shape) if isinstance(A_batch, torch.Tensor) else type(A_batch).__name__
+            raise ValueError(f"A_batch must be a tensor of shape (..., {self.n}), got {shape}")
+        check_finite("A_batch", A_batch)
+        if self._G is None:
+            dev = self._device or A_batch.device
+            self._G = torch.zeros(self.n, self.n, dtype=torch.float64, device=dev)
+        a = A_batch.detach().reshape(-1, self.n).to(self._G.device, torch.float64)  # (rows, n)
+        self._G.addmm_(a.T, a)
+        self.rows += a.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """The accumulated Gram matrix (n, n), float64 (the live buffer, not a copy)."""
+        if self._G is None:
+            raise ValueError("GramAccumulator.result() called before any update()")
+        return self._G
+
+
+class _Schur:
+    """Left-looking pivoted Cholesky of ``G`` (n, n): eliminate one column at a time.
+
+    After eliminating pivots p_0..p_{r-1}: ``L[:, :r]`` with ``G[P, P] ~ L L^T`` restricted
+    to them, and ``d`` the diagonal of the Schur complement, i.e. the squared norm of each
+    column of A after projecting out the eliminated ones (0 at eliminated columns).
+    """
+
+    def __init__(self, G: torch.Tensor) -> None:
+        self.G = G
+        n = G.shape[0]
+        self.d = G.diagonal().clone().clamp_(min=0)  # (n,)
+        self.tol = n * _EPS64 * float(self.d.max())
+        self.L = torch.zeros(n, n, dtype=G.dtype, device=G.device)  # (n, rank) used
+        self.done = torch.zeros(n, dtype=torch.bool, device=G.device)
+        self.order: list[int] = []
+
+    def eliminate(self, p: int) -> None:
+        r = len(self.order)
+        col = self.G[:, p] - self.L[:, :r] @ self.L[p, :r]  # (n,)
+        col /= self.d[p].sqrt()
+        col[self.done] = 0.0
+        self.L[:, r] = col
+        self.d.sub_(col * col).clamp_(min=0)
+        self.d[p] = 0.0
+        self.done[p] = True
+        self.order.append(p)
+
+    def energy(self) -> torch.Tensor:
+        return self.d.sum()
+
+
+def id_from_gram(G: torch.Tensor, k: int | None = None, *, rtol: float | None = None) -> ID:
+    """Column ID of ``A`` from ``G = A^T A`` (n, n) by pivoted Cholesky, pure torch.
+
+    Same contract as ``interpolative_decomposition`` (``rtol`` is relative to
+    ``||A||_2 = sqrt(lambda_max(G))``); results on ``G``'s device and dtype. The full pivot
+    order is computed (``O(n^2 r)`` for numerical rank ``r``) so that ``residuals`` covers
+    every rank.
+    """
+    _check_gram(G)
+    n = G.shape[0]
+    _check_k(k, rtol, n)
+    k = None if k is None else int(k)
+    G64 = G.detach().to(torch.float64)
+    G64 = 0.5 * (G64 + G64.T)
+    s = _Schur(G64)
+    energies = [s.energy()]
+    for _ in range(n):
+        p = int(torch.argmax(s.d.masked_fill(s.done, -1.0)))
+        if float(s.d[p]) <= s.tol:
+            break
+        s.eliminate(p)
+        energies.append(s.energy())
+    r_num = len(s.order)
+    # below the numerical rank: order the rest by their (noise-level) Schur diagonal
+    rest = (~s.done).nonzero().flatten()
+    rest_d, rank_in_rest = torch.sort(s.d[rest], descending=True, stable=True)
+    pivots = torch.cat([torch.tensor(s.order, dtype=torch.long, device=G.device), rest[rank_in_rest]])
+    tail = rest_d.flip(0).cumsum(0).flip(0)  # energy left after r_num + i pivots
+    energy = torch.cat([torch.stack(energies)[:-1] if r_num else energies[0].new_empty(0), tail,
+                        tail.new_zeros(1)])
+    residuals = torch.cummin(energy.clamp(min=0).sqrt(), 0).values  # (n+1,)
+
+    R = s.L[pivots, :r_num].T  # (r_num, n), upper trapezoidal in pivot order
+    if k is None:
+        norm2 = float(torch.linalg.eigvalsh(G64)[-1].clamp(min=0).sqrt()) if r_num else 0.0
+        k = _rank_for(residuals, norm2, float(rtol))
+    T = _assemble_T(R, pivots, k, r_num)
+    dt = _out_dtype(G)
+    return ID(cols=pivots[:k], T=T.to(dt), pivots=pivots, residuals=residuals.to(dt), numerical_rank=r_num)
+
+
+# -- head granularity -------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockSelection:
+    """Greedy block-pivoted selection of column blocks (heads).
+
+    ``blocks`` (k_blocks,) chosen block indices in selection order; ``cols`` their columns,
+    block by block; ``order`` (nblocks,) the full greedy order; ``residuals`` (nblocks+1,)
+    the Frobenius norm of A left after least-squares projection onto the first t blocks of
+    ``order`` (squares are residual energies; ``residuals[0] = ||A||_F``).
+    """
+
+    blocks: torch.Tensor
+    cols: torch.Tensor
+    order: torch.Tensor
+    residuals: torch.Tensor
+
+
+def block_columns(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Column indices (len(blocks)*block_size,) of ``blocks``, block by block."""
+    ar = torch.arange(block_size, device=blocks.device)
+    return (blocks.long()[:, None] * block_size + ar).reshape(-1)
+
+
+def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int) -> BlockSelection:
+    """Choose ``k_blocks`` of the ``n / block_size`` contiguous column blocks from ``G = A^T A``.
+
+    Each step takes the block with the largest residual Frobenius norm (sum of its Schur
+    diagonal) after projecting out every column already chosen, then eliminates that
+    block's columns by pivoted Cholesky inside the block (columns already in the span are
+    skipped, so rank-deficient blocks are fine). Runs through all blocks so ``residuals``
+    covers 0..nblocks; pure torch on ``G``'s device.
+    """
+    _check_gram(G)
+    n = G.shape[0]
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or n % block_size:
+        raise ValueError(f"block_size must be a positive divisor of n={n}, got {block_size!r}")
+    nb = n // block_size
+    if isinstance(k_blocks, bool) or not isinstance(k_blocks, int) or not 0 <= k_blocks <= nb:
+        raise ValueError(f"k_blocks must be an integer in [0, {nb}], got {k_blocks!r}")
+    G64 = G.detach().to(torch.float64)
+    s = _Schur(0.5 * (G64 + G64.T))
+    chosen = torch.zeros(nb, dtype=torch.bool, device=G.device)
+    order: list[int] = []
+    energies = [s.energy()]
+    for _ in range(nb):
+        b = int(torch.argmax(s.d.view(nb, block_size).sum(1).masked_fill(chosen, -1.0)))
+        lo = b * block_size
+        for _ in range(block_size):
+            j = int(torch.argmax(s.d[lo : lo + block_size]))
+            if float(s.d[lo + j]) <= s.tol:
+                break
+            s.eliminate(lo + j)
+        s.d[lo : lo + block_size] = 0.0  # what is left there is below the rank tolerance
+        chosen[b] = True
+        order.append(b)
+        energies.append(s.energy())
+    order_t = torch.tensor(order, dtype=torch.long, device=G.device)
+    residuals = torch.cummin(torch.stack(energies).clamp(min=0).sqrt(), 0).values
+    blocks = order_t[:k_blocks]
+    return BlockSelection(blocks=blocks, cols=block_columns(blocks, block_size), order=order_t,
+                          residuals=residuals.to(_out_dtype(G)))
+
+
+# -- folding into the next layer --------------------------------------------------------
+def fold_interpolation(W: torch.Tensor, cols: torch.Tensor | Sequence[int], T: torch.Tensor) -> torch.Tensor:
+    """Next-layer weight for the kept units: ``W' = W T^T`` (out, k).
+
+    With ``A ~ A[:, cols] T``: ``A W^T ~ A[:, cols] T W^T = A[:, cols] W'^T``. Computed in
+    float64, returned in ``W``'s dtype on ``W``'s device.
+    """
+    _check_matrix("W", W)
+    out, n = W.shape
+    if not isinstance(T, torch.Tensor) or T.ndim != 2 or T.shape[1] != n or T.is_complex():
+        shape = tuple(T.shape) if isinstance(T, torch.Tensor) else type(T).__name__
+        raise ValueError(f"T must be a real (k, {n}) tensor to match W {tuple(W.shape)}, got {shape}")
+    check_finite("T", T)
+    c = _as_index("cols", cols, n, W.device)
+    if c.numel() != T.shape[0]:
+        raise ValueError(f"cols has {c.numel()} entries but T has {T.shape[0]} rows; they must agree")
+    Wp = W.detach().to(torch.float64) @ T.detach().to(W.device, torch.float64).T  # (out, k)
+    return Wp.to(_out_dtype(W))
+
+
+def least_squares_fold(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor | Sequence[int], *,
+                       damping: float = 1e-6) -> torch.Tensor:
+    """``W_K'`` (out, |K|) minimising ``||A W^T - A[:, K] W_K'^T||_F`` from ``G = A^T A`` only.
+
+    Normal equations ``(G_KK + lam I) X = G_K: W^T``, ``W_K' = X^T``, with the ridge
+    ``lam = damping * trace(G) / n`` (relative to the mean column energy) so that a
+    rank-deficient ``G_KK`` still has a unique, bounded solution; ``damping=0`` gives the
+    exact least-squares fit when ``G_KK`` is nonsingular. If the damped matrix is still not
+    numerically positive definite, ``lam`` is raised tenfold (from ``n * eps`` relative)
+    until the Cholesky factorisation succeeds. Computed in float64 on ``G``'s device;
+    returned in ``W``'s dtype on ``W``'s device.
+    """
+    _check_gram(G)
+    _check_matrix("W", W)
+    n = G.shape[0]
+    if W.shape[1] != n:
+        raise ValueError(f"W must be (out, {n}) to match G {tuple(G.shape)}, got {tuple(W.shape)}")
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    K = _as_index("keep", keep, n, G.device)
+    G64 = G.detach().to(torch.float64)
+    W64 = W.detach().to(G.device, torch.float64)
+    scale = float(G64.diagonal().sum()) / n
+    if K.numel() == 0 or scale <= 0:  # nothing kept, or A = 0: the zero map is optimal
+        return torch.zeros(W.shape[0], K.numel(), dtype=_out_dtype(W), device=W.device)
+    GKK = G64[K][:, K]
+    GKK = 0.5 * (GKK + GKK.T)  # (|K|, |K|)
+    rhs = G64[K] @ W64.T  # (|K|, out)
+    lam = damping * scale
+    eye = torch.eye(K.numel(), dtype=torch.float64, device=G.device)
+    for _ in range(40):
+        chol, info = torch.linalg.cholesky_ex(GKK + lam * eye)
+        if int(info) == 0:
+            break
+        lam = max(10 * lam, n * _EPS64 * scale)
+    else:  # pragma: no cover - lam >= scale makes G_KK + lam I diagonally dominant enough
+        raise ValueError("least_squares_fold: could not factor G[K, K] + lam I; is G a Gram matrix?")
+    X = torch.cholesky_solve(rhs, chol)  # (|K|, out)
+    return X.T.to(W.device, _out_dtype(W))

@@ -1,0 +1,61 @@
+"""The harness command on tiny local models (no hub, no real data)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_model
+from tshrink_harness.cli import main
+
+
+def _tiny_dir(tmp_path, family="llama"):
+    """A tiny model + tokenizer directory, as a user would pass with --model."""
+    from _tokenizers import byte_bpe_tokenizer
+
+    model = tiny_model(family, head="causal-lm")
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    byte_bpe_tokenizer(["some calibration text for a tiny model " * 20]).save_pretrained(path)
+    return path
+
+
+def test_help_and_plugins_are_instant_and_import_no_torch():
+    code = ("import sys; from tshrink_harness.cli import main; main(['plugins']);"
+            "assert 'torch' not in sys.modules, 'torch imported by harness plugins'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "magnitude" in out.stdout and "tshrink" in out.stdout
+
+
+def test_prune_writes_checkpoint_and_report(tmp_path, capsys):
+    model_dir = _tiny_dir(tmp_path)
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--method", "magnitude", "--model", str(model_dir), "--flops", "0.5",
+               "--output", str(out), "--calib-samples", "4", "--seq-len", "16"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops_kept"] <= 0.5 and report["params_after"] < report["params_before"]
+    assert report["fvcore_flops_after"] < report["fvcore_flops_before"]
+    from tshrink.models import load_model
+
+    reloaded, _ = load_model(str(out))
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--method", "magnitud", "--flops", "0.5", "--output", "x"], "did you mean 'magnitude'"),
+    (["prune", "--method", "magnitude", "--flops", "1.5", "--output", "x"], "outside (0, 1]"),
+    (["prune", "--method", "magnitude", "--flops", "0.5", "--output", "x", "--model", "/no/such/dir"], "does not exist"),
+])
+def test_bad_input_is_a_clear_error(argv, message, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:
+        rc, err = 2, str(exit_)
+    else:
+        err = capsys.readouterr().err
+    assert rc == 2
+    assert message.lower() in err.lower()

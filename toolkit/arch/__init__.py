@@ -1,0 +1,1 @@
+"""Architecture adapters: where each layer's attention units and MLP neurons live."""

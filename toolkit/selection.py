@@ -1,0 +1,81 @@
+"""Choosing units under a FLOPs budget (pure math over scores and the cost model).
+
+Two generic selectors, used by the built-in ``global`` and ``uniform`` select stages and
+available to any plugin:
+
+- :func:`select_global` ranks every unit of the model on one list. Raw scores of heads and
+  neurons are not commensurable, so by default each is divided by the mean score of its
+  kind (``normalize="kind"``), or of its kind within its layer (``"layer"``); with
+  ``per_cost=True`` the rank is score per MAC (for scores that are already in common units,
+  e.g. output-error estimates). Units are taken greedily while they fit the budget.
+- :func:`select_uniform` keeps the same fraction of heads and of neurons in every layer, the
+  largest fraction that fits, and the best-scored units inside each layer.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cost import CostModel
+from .units import Selection, UnitScores
+
+NORMALIZE = ("kind", "layer", "none")
+
+
+def _normalised(scores: UnitScores, normalize: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize={normalize!r} is not one of {NORMALIZE}")
+    out = []
+    for kind in (scores.heads, scores.neurons):
+        kind = [s.double().clamp_min(0) for s in kind]
+        if normalize == "kind":
+            flat = torch.cat(kind) if kind else torch.zeros(0)
+            mean = flat.mean() if flat.numel() else torch.tensor(1.0)
+            kind = [s / mean.clamp_min(1e-30) for s in kind]
+        elif normalize == "layer":
+            kind = [s / s.mean().clamp_min(1e-30) if s.numel() else s for s in kind]
+        out.append(kind)
+    return out[0], out[1]
+
+
+def select_global(scores: UnitScores, cost: CostModel, budget: float, *, normalize: str = "kind",
+                  per_cost: bool = False) -> Selection:
+    """Greedy global ranking of all units within ``budget`` (kept fraction of layer MACs)."""
+    allowed = cost.budget_macs(budget) - sum(c.fixed for c in cost.layers)
+    heads, neurons = _normalised(scores, normalize)
+    prio, unit_cost, owner = [], [], []
+    for layer, (h, n) in enumerate(zip(heads, neurons)):
+        c = cost.layers[layer]
+        for kind, s, per in ((0, h, c.head), (1, n, c.neuron)):
+            if s.numel():
+                prio.append(s / per if per_cost else s)
+                unit_cost.append(torch.full((s.numel(),), float(per), dtype=torch.float64))
+                owner.append(torch.stack([torch.full((s.numel(),), layer), torch.full((s.numel(),), kind),
+                                          torch.arange(s.numel())], 1))
+    sel = Selection([[] for _ in heads], [[] for _ in neurons])
+    if not prio:
+        return sel
+    prio_t, cost_t, owner_t = torch.cat(prio), torch.cat(unit_cost), torch.cat(owner)
+    # stable descending order: ties keep layer/kind/index order, so results are deterministic
+    order = torch.sort(-prio_t, stable=True).indices
+    spent = 0.0
+    for i in order.tolist():
+        if spent + cost_t[i].item() <= allowed + 1e-6:
+            spent += cost_t[i].item()
+            layer, kind, idx = owner_t[i].tolist()
+            (sel.heads if kind == 0 else sel.neurons)[layer].append(idx)
+    return Selection(sel.heads, sel.neurons)
+
+
+def select_uniform(scores: UnitScores, cost: CostModel, budget: float) -> Selection:
+    """The same kept fraction of heads and neurons in every layer (largest that fits)."""
+    allowed = cost.budget_macs(budget)
+
+    def pick(frac: float) -> Selection:
+        keep = lambda s: torch.sort(-s.double(), stable=True).indices[: int(round(frac * s.numel()))].tolist()
+        return Selection([keep(s) for s in scores.heads], [keep(s) for s in scores.neurons])
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # bisection on the fraction; cost is monotone in it
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost.macs(pick(mid)) <= allowed else (lo, mid)
+    return pick(lo)
