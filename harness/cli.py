@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("compare", help="prune with several methods and budgets, evaluate, print a table")
-    s.add_argument("--methods", default=None, help="comma-separated methods/recipes (default: every structured method)")
+    s.add_argument("--methods", default=None, help="comma-separated methods/recipes (default: the headline methods, see `harness plugins`)")
     s.add_argument("--flops", default="0.8,0.6", help="comma-separated kept-FLOPs fractions")
     s.add_argument("--eval-samples", type=int, default=None, help="evaluation sequences (default per model kind)")
     s.add_argument("--results", default="results", help="directory for the JSON records")

@@ -124,7 +124,7 @@ def compare(*, methods: str | None, model: str, budgets: list[float], options: d
     pm = get_plugin_manager()
     reg = Registry(pm)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else [
-        n for n in sorted(reg.methods) if reg.methods[n].recipe.prunes]
+        n for n in sorted(reg.methods) if reg.methods[n].compare_by_default]
     specs = [reg.method(n) for n in names]  # unknown names fail here, before any work
     for spec in specs:
         reg.resolve_options(spec, {k: v for k, v in options.items() if k in reg.options(spec)})

@@ -52,7 +52,11 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
         written by a transform stage (see :class:`tshrink.units.TransformResult`).
     """
     path = Path(path)
-    adapter = get_adapter(model)
+    try:
+        widths = get_adapter(model).widths()
+        family = get_adapter(model).family
+    except ValueError:  # not prunable here (e.g. a quantized encoder-decoder): full shapes
+        widths, family = None, None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
@@ -63,8 +67,8 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
             "format": FORMAT,
             "tshrink_version": __version__,
             "architecture": type(model).__name__,
-            "family": adapter.family,
-            "widths": adapter.widths(),
+            "family": family,
+            "widths": widths,
             "transforms": [],
             **(info or {}),
         }
@@ -134,7 +138,8 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
         model = cls(config)
     from .surgery import shrink_to_widths
 
-    shrink_to_widths(get_adapter(model), manifest["widths"])
+    if manifest["widths"] is not None:
+        shrink_to_widths(get_adapter(model), manifest["widths"])
     state = _state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()

@@ -29,8 +29,8 @@ class PruneContext:
     """Everything a stage may use. Stages may write figures into ``report``."""
 
     model: nn.Module
-    adapter: Adapter
-    cost: CostModel
+    adapter: Adapter | None  # None only for transform-only recipes on architectures without an adapter
+    cost: CostModel | None
     budget: float
     calib: CalibrationData | None
     device: torch.device
@@ -89,17 +89,22 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     if needs["labels"] and not calib.has_labels:  # type: ignore[union-attr]
         raise ValueError(f"method {spec.name!r} needs labelled calibration data; the batches from "
                          f"{calib.source!r} have no 'labels'")  # type: ignore[union-attr]
-    adapter = get_adapter(model)
+    recipe = spec.recipe
+    try:
+        adapter = get_adapter(model)
+    except ValueError:
+        if recipe.prunes:
+            raise
+        adapter = None  # e.g. quantizing an encoder-decoder: transforms walk the modules themselves
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
     model.eval()
     seq = seq_len or (calib.seq_len if calib is not None else 128)
-    cost = CostModel(adapter, seq)
+    cost = CostModel(adapter, seq) if adapter is not None else None
     ctx = PruneContext(model, adapter, cost, budget, calib, dev, seed, pm, progress)
     torch.manual_seed(seed)
     hook = pm.hook
-    recipe = spec.recipe
-    counts = (adapter.head_counts(), adapter.neuron_counts())
+    counts = (adapter.head_counts(), adapter.neuron_counts()) if adapter is not None else ([], [])
     params_before = sum(p.numel() for p in model.parameters())
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -141,7 +146,8 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
             compressed[name] = {"tensors": res.tensors, "meta": res.meta}
         transform_reports[name] = res.report
         timings[f"transform:{name}"] = time.perf_counter() - t
-    dense_macs, kept_macs = cost.macs(), cost.macs(adapter.widths())
+    dense_macs = cost.macs() if cost is not None else None
+    kept_macs = cost.macs(adapter.widths()) if cost is not None else None
     report = {
         "method": spec.name,
         "recipe": str(recipe),
@@ -151,11 +157,11 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         "flops_convention": "analytic MACs of the transformer layers, 1 multiply-add = 1 FLOP, one sequence",
         "layer_macs_before": dense_macs,
         "layer_macs_after": kept_macs,
-        "flops_kept": kept_macs / dense_macs,
+        "flops_kept": kept_macs / dense_macs if cost is not None else 1.0,
         "params_before": params_before,
         "params_after": sum(p.numel() for p in model.parameters()),
         "widths_before": {"heads": counts[0], "neurons": counts[1]},
-        "widths_after": adapter.widths(),
+        "widths_after": adapter.widths() if adapter is not None else None,
         "calibration": calib.describe() if calib is not None else None,
         "transforms": transform_reports,
         "stages": ctx.report,

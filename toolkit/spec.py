@@ -126,3 +126,5 @@ class MethodSpec:
     description: str = ""
     paper: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: shown by ``harness compare`` when no --methods are given (the headline methods)
+    compare_by_default: bool = False

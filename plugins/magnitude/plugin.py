@@ -30,7 +30,8 @@ def tshrink_stages() -> list[StageSpec]:
 def tshrink_methods() -> list[MethodSpec]:
     return [
         MethodSpec("magnitude", Recipe(score="magnitude", select="global"),
-                   "structured magnitude pruning of heads and neurons, global ranking, no correction"),
+                   "structured magnitude pruning of heads and neurons, global ranking, no correction",
+                   compare_by_default=True),
         MethodSpec("magnitude-uniform", Recipe(score="magnitude", select="uniform"),
                    "structured magnitude pruning, same fraction kept in every layer"),
         MethodSpec("magnitude-unstructured", Recipe(transform=("unstructured-magnitude",)),

@@ -1,0 +1,1 @@
+"""fisher plugin: hook implementations (being written)."""

@@ -1,0 +1,1 @@
+"""quant plugin: hook implementations (being written)."""

@@ -1,0 +1,1 @@
+"""stat plugin: hook implementations (being written)."""
