@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,22 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
                 info: dict[str, Any] | None = None,
                 compressed: dict[str, dict[str, Any]] | None = None) -> Path:
@@ -53,13 +71,11 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
     """
     path = Path(path)
     try:
-        widths = get_adapter(model).widths()
-        family = get_adapter(model).family
+        adapter = get_adapter(model)
+        widths, family = adapter.widths(), adapter.family
     except ValueError:  # not prunable here (e.g. a quantized encoder-decoder): full shapes
         widths, family = None, None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -81,12 +97,6 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
                 manifest["transforms"].append({"stage": stage, "meta": part.get("meta", {})})
             save_file(flat, str(tmp / COMPRESSED))
         write_json_atomic(tmp / MANIFEST, manifest)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -132,21 +142,25 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path / MANIFEST}: format {manifest.get('format')!r}, this version reads {FORMAT!r}")
     cls = getattr(transformers, manifest["architecture"])
-    from transformers.initialization import no_init_weights
+    if manifest["widths"] is None:
+        # Full shapes (an architecture without adapter, e.g. a quantized Marian): Hugging Face's
+        # loader knows its tied and non-persistent weights (shared embeddings, sinusoidal positions).
+        model = cls.from_pretrained(path)
+    else:
+        from transformers.initialization import no_init_weights
 
-    with no_init_weights():
-        model = cls(config)
-    from .surgery import shrink_to_widths
+        from .surgery import shrink_to_widths
 
-    if manifest["widths"] is not None:
+        with no_init_weights():
+            model = cls(config)
         shrink_to_widths(get_adapter(model), manifest["widths"])
-    state = _state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match its manifest "
-                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        state = _state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match its manifest "
+                             f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if manifest["transforms"]:
         from safetensors.torch import load_file
 

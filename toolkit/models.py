@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,21 +66,17 @@ def builtin_model_dir(name: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import atomic_dir
+
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_file)
     # The weights are dequantised now: the cached copy is a plain float checkpoint.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -23,25 +23,10 @@ squad_metric) so that this file stays a self-contained evaluate module.
 """
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
 from typing import Any, Mapping, Sequence
 
-_PUNCTUATION = frozenset(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, remove punctuation, remove articles (a, an, the), collapse whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _tokens(text: str) -> list[str]:
-    return normalize_answer(text).split() if text else []
+# The v2.0 script normalises answers exactly as v1.1 does: share one implementation.
+from tshrink_harness.metrics.squad_metric.squad_scores import f1_score, gold_texts, normalize_answer
 
 
 def compute_exact(gold: str, prediction: str) -> int:
@@ -51,29 +36,9 @@ def compute_exact(gold: str, prediction: str) -> int:
 
 def compute_f1(gold: str, prediction: str) -> float:
     """Token F1; when either side is empty (no answer) it is 1.0 if both are, else 0.0."""
-    gold_toks, pred_toks = _tokens(gold), _tokens(prediction)
-    if not gold_toks or not pred_toks:
-        return float(gold_toks == pred_toks)
-    num_same = sum((Counter(gold_toks) & Counter(pred_toks)).values())
-    if num_same == 0:
-        return 0.0
-    precision = num_same / len(pred_toks)
-    recall = num_same / len(gold_toks)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _gold_texts(answers: Any) -> list[str]:
-    if isinstance(answers, Mapping):
-        texts = answers.get("text")
-        if texts is None:
-            raise ValueError(f"answers {answers!r} has no 'text' key; expected {{'text': [...], 'answer_start': [...]}}.")
-        return [str(t) for t in texts]
-    if isinstance(answers, (list, tuple)):
-        return [str(a["text"]) if isinstance(a, Mapping) else str(a) for a in answers]
-    raise ValueError(
-        f"answers {answers!r} is not understood; expected {{'text': [...]}}, a list of "
-        "{'text': ...} or a list of strings."
-    )
+    if not normalize_answer(gold) or not normalize_answer(prediction):
+        return float(normalize_answer(gold) == normalize_answer(prediction))
+    return f1_score(prediction, gold)
 
 
 def _best_threshold(
@@ -127,7 +92,7 @@ def squad_v2_scores(
         qid = str(ref["id"])
         if qid not in preds:
             raise ValueError(f"no prediction for question {qid!r}; give one for every reference ('' = no answer).")
-        texts = _gold_texts(ref["answers"])
+        texts = gold_texts(ref["answers"])
         has_ans[qid] = bool(texts)  # official: answerable = non-empty answer list
         golds = [g for g in texts if normalize_answer(g)] or [""]  # unanswerable: only "" is right
         exact_raw[qid] = float(max(compute_exact(g, preds[qid]) for g in golds))
