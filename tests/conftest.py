@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-FAMILIES = ("bert", "roberta", "distilbert", "llama", "mistral", "qwen2")
+FAMILIES = ("bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "opt")
 
 
 def tiny_model(family: str, head: str = "base", seed: int = 0):
@@ -24,6 +24,9 @@ def tiny_model(family: str, head: str = "base", seed: int = 0):
             cfg.max_position_embeddings = 80
     elif family == "distilbert":
         cfg = tf.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=48, **common)
+    elif family == "opt":
+        cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
+                           word_embed_proj_dim=32, **common)
     else:
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
         cfg = cls(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -47,7 +50,7 @@ def tiny_batches(family: str, n_batches: int = 2, batch: int = 3, seq: int = 12,
     from tshrink.calibration import CalibrationData
 
     g = torch.Generator().manual_seed(seed)
-    causal = family in ("llama", "mistral", "qwen2")
+    causal = family in ("llama", "mistral", "qwen2", "opt")
     out = []
     for _ in range(n_batches):
         ids = torch.randint(3, 97, (batch, seq), generator=g)

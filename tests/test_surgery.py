@@ -63,7 +63,7 @@ def test_parameter_count_shrinks_as_expected(family):
 
 
 def test_save_reload_identical(family, tmp_path):
-    model = tiny_model(family, head="causal-lm" if family in ("llama", "mistral", "qwen2") else "sequence-classification")
+    model = tiny_model(family, head="causal-lm" if family in ("llama", "mistral", "qwen2", "opt") else "sequence-classification")
     adapter = get_adapter(model)
     apply_selection(adapter, _random_selection(adapter, seed=2))
     batch = tiny_batches(family).batches[0]

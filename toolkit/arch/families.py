@@ -1,8 +1,8 @@
 """Adapters for the supported families, and :func:`get_adapter`.
 
 Supported: BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT),
-DistilBERT, and the Llama family (Llama-2/3, Mistral, Qwen2: grouped-query attention,
-gated MLP). Hugging Face attention modules infer the head count from the projection
+DistilBERT, the Llama family (Llama-2/3, Mistral, Qwen2: grouped-query attention,
+gated MLP), and OPT decoders. Hugging Face attention modules infer the head count from the projection
 shapes (``view(..., -1, head_dim)``), so removing rows/columns is all surgery needs,
 except when a layer loses every unit (see :class:`EmptyAttention`).
 
@@ -120,7 +120,48 @@ class LlamaAdapter(Adapter):
         block.self_attn = EmptyAttention(block.self_attn.o_proj, "o_proj")
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, LlamaAdapter)
+class OptAdapter(Adapter):
+    """OPT decoders (pre- or post-norm; ReLU MLP ``fc1``/``fc2``; multi-head attention)."""
+
+    family = "opt"
+    model_types = ("opt",)
+    causal = True
+
+    def backbone(self) -> nn.Module:
+        return getattr(self.model, "base_model", self.model)
+
+    def layers(self) -> nn.ModuleList:
+        return self.backbone().decoder.layers
+
+    def _head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    def attn(self, layer: int) -> AttnParts:
+        a = self.layers()[layer].self_attn
+        if isinstance(a, EmptyAttention):
+            return AttnParts(None, None, None, a.out_proj, self._head_dim(), 1)
+        return AttnParts(a.q_proj, a.k_proj, a.v_proj, a.out_proj, a.head_dim, 1)
+
+    def mlp(self, layer: int) -> MlpParts:
+        block = self.layers()[layer]
+        return MlpParts([block.fc1], block.fc2)
+
+    def empty_attention(self, layer: int) -> None:
+        block = self.layers()[layer]
+        block.self_attn = EmptyAttention(block.self_attn.out_proj, "out_proj")
+
+    def update_attn_attrs(self, layer: int, units: int) -> None:
+        a = self.layers()[layer].self_attn
+        if not isinstance(a, EmptyAttention):
+            a.num_heads = units  # OPT's forward reshapes with num_heads, not -1
+
+    def norm_macs_per_token(self) -> tuple[int, int]:
+        # two LayerNorms per layer; the decoder's final LayerNorm (if any) outside the layers
+        final = 5 * self.hidden_size if getattr(self.backbone().decoder, "final_layer_norm", None) is not None else 0
+        return 2 * 5 * self.hidden_size, final
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, LlamaAdapter, OptAdapter)
 
 
 def supported_model_types() -> list[str]:
