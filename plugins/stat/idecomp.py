@@ -15,7 +15,8 @@ Two routes to the same ID:
   matrix and half the time. Cost ``O(m n^2)``; feed a sketch (see ``sketch.py``) when ``m``
   is large.
 * ``id_from_gram(G)`` with ``G = A^T A`` (streamed by ``GramAccumulator``) -- pivoted
-  Cholesky, pure torch, so it runs where ``G`` lives (GPU included). Its ``L^T`` is the ``R``
+  Cholesky where ``G`` lives: LAPACK's blocked ``dpstrf`` on the CPU, a blocked torch
+  loop elsewhere (GPU included; ``_pivoted_cholesky``). Its ``L^T`` is the ``R``
   of the pivoted QR and, in exact arithmetic, its pivots are the same. Squaring ``A``
   squares the condition number: singular values below about ``sqrt(n * eps) ~ 1e-7``
   times the largest are numerical noise here, so the Gram route resolves less of the tail
@@ -49,6 +50,7 @@ import scipy.linalg
 import torch
 
 _EPS64 = float(np.finfo(np.float64).eps)
+_PANEL = 64  # pivots per panel of the torch pivoted Cholesky
 
 
 # -- validation -------------------------------------------------------------------------
@@ -109,6 +111,10 @@ class ID:
     ``pivots`` (n,) full pivot order (``cols = pivots[:k]``); ``residuals`` (n+1,) the
     Frobenius error of the rank-r ID for r = 0..n (nonincreasing, ``residuals[n] = 0``);
     ``numerical_rank`` the number of pivots above the rank tolerance (module docstring).
+    ``factor`` (n, r): column ``i`` is the ``i``-th eliminated direction, rows in the original
+    column order, so the Schur complement of ``G = A^T A`` after the first ``j`` pivots is
+    ``G - factor[:, :j] factor[:, :j]^T`` (``factor = R^T`` un-pivoted; see
+    ``weighted_residuals``).
     """
 
     cols: torch.Tensor
@@ -116,6 +122,7 @@ class ID:
     pivots: torch.Tensor
     residuals: torch.Tensor
     numerical_rank: int
+    factor: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -169,6 +176,8 @@ def interpolative_decomposition(A: torch.Tensor, k: int | None = None, *, rtol: 
         norm2 = float(torch.linalg.matrix_norm(R, 2)) if r_num else 0.0
         k = _rank_for(residuals, norm2, float(rtol))
     T = _assemble_T(R, pivots, k, r_num)
+    factor = torch.zeros(n, R.shape[0], dtype=R.dtype)  # (n, min(m, n))
+    factor[pivots] = R.T
     dev, dt = A.device, _out_dtype(A)
     return ID(
         cols=pivots[:k].to(dev),
@@ -176,6 +185,7 @@ def interpolative_decomposition(A: torch.Tensor, k: int | None = None, *, rtol: 
         pivots=pivots.to(dev),
         residuals=residuals.to(dev, dt),
         numerical_rank=r_num,
+        factor=factor.to(dev, dt),
     )
 
 
@@ -215,40 +225,67 @@ class GramAccumulator:
         return self._G
 
 
-class _Schur:
-    """Left-looking pivoted Cholesky of ``G`` (n, n): eliminate one column at a time.
+def _pivoted_cholesky(G: torch.Tensor, tol: float | None = None, *,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy (largest Schur diagonal first) pivoted Cholesky of a symmetric PSD float64 ``G``
+    (n, n), stopped once the largest remaining pivot is ``<= tol`` (default
+    ``n * eps * max(diag G)``). Returns ``order`` (r,) the eliminated columns and ``L`` (n, r)
+    with rows in the original order, ``G ~ L L^T`` (the Schur complement after ``j`` steps is
+    ``G - L[:, :j] L[:, :j]^T``).
 
-    After eliminating pivots p_0..p_{r-1}: ``L[:, :r]`` with ``G[P, P] ~ L L^T`` restricted
-    to them, and ``d`` the diagonal of the Schur complement, i.e. the squared norm of each
-    column of A after projecting out the eliminated ones (0 at eliminated columns).
+    ``backend``: ``"lapack"`` (default on the CPU) is LAPACK's blocked ``dpstrf`` through
+    scipy; ``"torch"`` (default elsewhere, so a GPU Gram stays on the GPU) is the same
+    right-looking blocked algorithm in torch: inside a panel of ``_PANEL`` pivots each new
+    column is one GEMV against the panel only, and the trailing Schur complement is updated
+    once per panel (one GEMM). Both take the same pivots in exact arithmetic and use the
+    same stopping rule.
     """
-
-    def __init__(self, G: torch.Tensor) -> None:
-        self.G = G
-        n = G.shape[0]
-        self.d = G.diagonal().clone().clamp_(min=0)  # (n,)
-        self.tol = n * _EPS64 * float(self.d.max())
-        self.L = torch.zeros(n, n, dtype=G.dtype, device=G.device)  # (n, rank) used
-        self.done = torch.zeros(n, dtype=torch.bool, device=G.device)
-        self.order: list[int] = []
-
-    def eliminate(self, p: int) -> None:
-        r = len(self.order)
-        col = self.G[:, p] - self.L[:, :r] @ self.L[p, :r]  # (n,)
-        col /= self.d[p].sqrt()
-        col[self.done] = 0.0
-        self.L[:, r] = col
-        self.d.sub_(col * col).clamp_(min=0)
-        self.d[p] = 0.0
-        self.done[p] = True
-        self.order.append(p)
-
-    def energy(self) -> torch.Tensor:
-        return self.d.sum()
+    n = G.shape[0]
+    if tol is None:
+        tol = n * _EPS64 * float(G.diagonal().clamp(min=0).max())
+    backend = backend or ("lapack" if G.device.type == "cpu" else "torch")
+    if backend not in ("lapack", "torch"):
+        raise ValueError(f"backend must be 'lapack' or 'torch', got {backend!r}")
+    if backend == "lapack":
+        c, piv, rank, info = scipy.linalg.lapack.dpstrf(G.numpy(), tol=tol, lower=0)
+        if info < 0:  # pragma: no cover - argument error, cannot happen with a square float64 array
+            raise ValueError(f"LAPACK dpstrf rejected argument {-info}")
+        piv = torch.from_numpy(piv.astype(np.int64) - 1)
+        U = torch.from_numpy(np.triu(c[:rank]))  # (rank, n), pivot order
+        L = torch.zeros(n, rank, dtype=torch.float64)
+        L[piv] = U.T
+        return piv[:rank], L
+    S = G.clone()  # (n, n) Schur complement, refreshed after every panel
+    d = S.diagonal().clone().clamp_(min=0)  # (n,) its current diagonal
+    L = torch.zeros(n, n, dtype=G.dtype, device=G.device)
+    done = torch.zeros(n, dtype=torch.bool, device=G.device)
+    order: list[int] = []
+    r, stop = 0, False
+    while not stop and r < n:
+        r0 = r
+        for _ in range(min(_PANEL, n - r0)):
+            p = int(torch.argmax(d.masked_fill(done, -1.0)))
+            dp = float(d[p])
+            if dp <= tol:
+                stop = True
+                break
+            col = S[:, p] - L[:, r0:r] @ L[p, r0:r]  # (n,)
+            col /= math.sqrt(dp)
+            col[done] = 0.0
+            L[:, r] = col
+            d.sub_(col * col).clamp_(min=0)
+            d[p] = 0.0
+            done[p] = True
+            order.append(p)
+            r += 1
+        if r > r0:
+            S.addmm_(L[:, r0:r], L[:, r0:r].T, alpha=-1.0)
+    return torch.tensor(order, dtype=torch.long, device=G.device), L[:, :r]
 
 
 def id_from_gram(G: torch.Tensor, k: int | None = None, *, rtol: float | None = None) -> ID:
-    """Column ID of ``A`` from ``G = A^T A`` (n, n) by pivoted Cholesky, pure torch.
+    """Column ID of ``A`` from ``G = A^T A`` (n, n) by pivoted Cholesky (``_pivoted_cholesky``:
+    LAPACK on the CPU, torch elsewhere).
 
     Same contract as ``interpolative_decomposition`` (``rtol`` is relative to
     ``||A||_2 = sqrt(lambda_max(G))``); results on ``G``'s device and dtype. The full pivot
@@ -261,31 +298,28 @@ def id_from_gram(G: torch.Tensor, k: int | None = None, *, rtol: float | None = 
     k = None if k is None else int(k)
     G64 = G.detach().to(torch.float64)
     G64 = 0.5 * (G64 + G64.T)
-    s = _Schur(G64)
-    energies = [s.energy()]
-    for _ in range(n):
-        p = int(torch.argmax(s.d.masked_fill(s.done, -1.0)))
-        if float(s.d[p]) <= s.tol:
-            break
-        s.eliminate(p)
-        energies.append(s.energy())
-    r_num = len(s.order)
+    order, L = _pivoted_cholesky(G64)
+    r_num = order.numel()
+    done = torch.zeros(n, dtype=torch.bool, device=G.device)
+    done[order] = True
+    d = (G64.diagonal() - L.pow(2).sum(1)).clamp(min=0).masked_fill(done, 0.0)  # final Schur diagonal
     # below the numerical rank: order the rest by their (noise-level) Schur diagonal
-    rest = (~s.done).nonzero().flatten()
-    rest_d, rank_in_rest = torch.sort(s.d[rest], descending=True, stable=True)
-    pivots = torch.cat([torch.tensor(s.order, dtype=torch.long, device=G.device), rest[rank_in_rest]])
-    tail = rest_d.flip(0).cumsum(0).flip(0)  # energy left after r_num + i pivots
-    energy = torch.cat([torch.stack(energies)[:-1] if r_num else energies[0].new_empty(0), tail,
-                        tail.new_zeros(1)])
-    residuals = torch.cummin(energy.clamp(min=0).sqrt(), 0).values  # (n+1,)
+    rest = (~done).nonzero().flatten()
+    rest_d, rank_in_rest = torch.sort(d[rest], descending=True, stable=True)
+    pivots = torch.cat([order, rest[rank_in_rest]])
+    tail = torch.cat([rest_d.flip(0).cumsum(0).flip(0), rest_d.new_zeros(1)])  # after r_num + i pivots
+    col_energy = L.pow(2).sum(0)  # (r_num,)
+    head = col_energy.flip(0).cumsum(0).flip(0) + tail[0]  # energy left after j < r_num pivots
+    residuals = torch.cummin(torch.cat([head, tail]).clamp(min=0).sqrt(), 0).values  # (n+1,)
 
-    R = s.L[pivots, :r_num].T  # (r_num, n), upper trapezoidal in pivot order
+    R = L[pivots].T  # (r_num, n), upper trapezoidal in pivot order
     if k is None:
         norm2 = float(torch.linalg.eigvalsh(G64)[-1].clamp(min=0).sqrt()) if r_num else 0.0
         k = _rank_for(residuals, norm2, float(rtol))
     T = _assemble_T(R, pivots, k, r_num)
     dt = _out_dtype(G)
-    return ID(cols=pivots[:k], T=T.to(dt), pivots=pivots, residuals=residuals.to(dt), numerical_rank=r_num)
+    return ID(cols=pivots[:k], T=T.to(dt), pivots=pivots, residuals=residuals.to(dt), numerical_rank=r_num,
+              factor=L.to(dt))
 
 
 # -- head granularity -------------------------------------------------------------------
@@ -296,13 +330,17 @@ class BlockSelection:
     ``blocks`` (k_blocks,) chosen block indices in selection order; ``cols`` their columns,
     block by block; ``order`` (nblocks,) the full greedy order; ``residuals`` (nblocks+1,)
     the Frobenius norm of A left after least-squares projection onto the first t blocks of
-    ``order`` (squares are residual energies; ``residuals[0] = ||A||_F``).
+    ``order`` (squares are residual energies; ``residuals[0] = ||A||_F``). ``factor`` (n, r)
+    the eliminated directions as in :class:`ID`; ``ends`` (nblocks,) how many of them the
+    first t+1 blocks of ``order`` account for (rank-deficient blocks contribute fewer).
     """
 
     blocks: torch.Tensor
     cols: torch.Tensor
     order: torch.Tensor
     residuals: torch.Tensor
+    factor: torch.Tensor | None = None
+    ends: torch.Tensor | None = None
 
 
 def block_columns(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -317,8 +355,9 @@ def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int) -> BlockSelec
     Each step takes the block with the largest residual Frobenius norm (sum of its Schur
     diagonal) after projecting out every column already chosen, then eliminates that
     block's columns by pivoted Cholesky inside the block (columns already in the span are
-    skipped, so rank-deficient blocks are fine). Runs through all blocks so ``residuals``
-    covers 0..nblocks; pure torch on ``G``'s device.
+    skipped, so rank-deficient blocks are fine); the block's new factor columns for all rows
+    come from one triangular solve (BLAS-3). Runs through all blocks so ``residuals``
+    covers 0..nblocks; on ``G``'s device.
     """
     _check_gram(G)
     n = G.shape[0]
@@ -328,27 +367,74 @@ def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int) -> BlockSelec
     if isinstance(k_blocks, bool) or not isinstance(k_blocks, int) or not 0 <= k_blocks <= nb:
         raise ValueError(f"k_blocks must be an integer in [0, {nb}], got {k_blocks!r}")
     G64 = G.detach().to(torch.float64)
-    s = _Schur(0.5 * (G64 + G64.T))
+    G64 = 0.5 * (G64 + G64.T)
+    d = G64.diagonal().clone().clamp_(min=0)  # (n,) Schur diagonal
+    tol = n * _EPS64 * float(d.max())
+    L = torch.zeros(n, n, dtype=torch.float64, device=G.device)  # (n, rank) used
+    done = torch.zeros(n, dtype=torch.bool, device=G.device)
+    r = 0
     chosen = torch.zeros(nb, dtype=torch.bool, device=G.device)
     order: list[int] = []
-    energies = [s.energy()]
+    ends: list[int] = []
+    energies = [d.sum()]
     for _ in range(nb):
-        b = int(torch.argmax(s.d.view(nb, block_size).sum(1).masked_fill(chosen, -1.0)))
+        b = int(torch.argmax(d.view(nb, block_size).sum(1).masked_fill(chosen, -1.0)))
         lo = b * block_size
-        for _ in range(block_size):
-            j = int(torch.argmax(s.d[lo : lo + block_size]))
-            if float(s.d[lo + j]) <= s.tol:
-                break
-            s.eliminate(lo + j)
-        s.d[lo : lo + block_size] = 0.0  # what is left there is below the rank tolerance
+        S = G64[:, lo : lo + block_size] - L[:, :r] @ L[lo : lo + block_size, :r].T  # (n, bs) Schur columns
+        # pivoted Cholesky inside the block (largest residual column first, columns already in
+        # the span skipped), then all rows of the new factor columns at once (one GEMM):
+        # X = S[:, piv] U^{-1} with S[piv, piv] = U^T U, so X X^T projects the block out.
+        piv, Lb = _pivoted_cholesky(0.5 * (S[lo : lo + block_size] + S[lo : lo + block_size].T), tol)
+        q = piv.numel()
+        if q:
+            U = Lb[piv.to(Lb.device)].T.to(G.device)  # (q, q) upper triangular
+            # (n, q): X U = S[:, piv]
+            X = torch.linalg.solve_triangular(U, S[:, piv.to(G.device)], upper=True, left=False)
+            X[done] = 0.0
+            L[:, r : r + q] = X
+            r += q
+            d.sub_(X.pow(2).sum(1)).clamp_(min=0)
+            done[lo + piv.to(G.device)] = True
+        d[lo : lo + block_size] = 0.0  # what is left there is below the rank tolerance
         chosen[b] = True
         order.append(b)
-        energies.append(s.energy())
+        ends.append(r)
+        energies.append(d.sum())
     order_t = torch.tensor(order, dtype=torch.long, device=G.device)
     residuals = torch.cummin(torch.stack(energies).clamp(min=0).sqrt(), 0).values
     blocks = order_t[:k_blocks]
     return BlockSelection(blocks=blocks, cols=block_columns(blocks, block_size), order=order_t,
-                          residuals=residuals.to(_out_dtype(G)))
+                          residuals=residuals.to(_out_dtype(G)), factor=L[:, :r].to(_out_dtype(G)),
+                          ends=torch.tensor(ends, dtype=torch.long, device=G.device))
+
+
+def weighted_residuals(factor: torch.Tensor, W: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
+    """Output errors ``||A W^T - P_t A W^T||_F`` along an elimination order, ``P_t`` the
+    projector onto the columns eliminated in the first ``t`` steps.
+
+    ``factor`` (n, r) from :class:`ID` or :class:`BlockSelection` (``G ~ factor factor^T``
+    up to the rank tolerance), ``W`` (out, n) the weight that reads ``A`` (``y = A W^T``).
+    Since the Schur complement after ``j`` eliminations is ``sum_{i >= j} f_i f_i^T``, the
+    squared error is ``sum_{i >= j} ||W f_i||^2`` -- the exact calibration error of the
+    least-squares (equivalently ID) fold, for every step at the cost of one matmul.
+    ``ends`` (steps,) cumulative eliminations after each step (default: one column per
+    step, ``steps = n``). Returns (steps+1,) nonincreasing, float64, on ``factor``'s device.
+    """
+    _check_matrix("W", W)
+    if not isinstance(factor, torch.Tensor) or factor.ndim != 2 or factor.shape[0] != W.shape[1]:
+        shape = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
+        raise ValueError(f"factor must be a ({W.shape[1]}, r) tensor to match W {tuple(W.shape)}, got {shape}")
+    check_finite("factor", factor)
+    n, r = factor.shape
+    if ends is None:
+        ends = torch.arange(1, n + 1, device=factor.device).clamp(max=r)
+    ends = torch.as_tensor(ends, device=factor.device).long()
+    if ends.ndim != 1 or (ends.numel() and (int(ends.min()) < 0 or int(ends.max()) > r)):
+        raise ValueError(f"ends must be a 1-D tensor of counts in [0, {r}], got {ends.tolist()}")
+    energy = (W.detach().to(factor.device, torch.float64) @ factor.to(torch.float64)).pow(2).sum(0)  # (r,)
+    suffix = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # (r+1,)
+    start = torch.cat([ends.new_zeros(1), ends])  # (steps+1,)
+    return torch.cummin(suffix[start].clamp(min=0).sqrt(), 0).values
 
 
 # -- folding into the next layer --------------------------------------------------------

@@ -1,1 +1,101 @@
-"""stat plugin: hook implementations (being written)."""
+"""The STAT plugin: interpolative-decomposition pruning with folded corrections.
+
+Stages (thin glue over :mod:`.prune`, :mod:`.allocate`, :mod:`.idecomp`; torch and scipy
+are imported inside the hooks so that listing plugins stays cheap):
+
+- score ``stat``: per-layer error curves of the neuron ID and the head block selection on
+  the dense model (one layer at a time), unit scores = convexified error reductions;
+- select ``stat-allocate``: widths from the curves under one FLOPs budget (greedy error
+  reduction per MAC, no fixed attention/MLP share), each layer keeping its pivot prefix;
+- correct ``stat``: sequential re-decomposition at the selected widths and least-squares
+  folds into the output/down projections (works after any selector).
+
+Numerical route and its rationale: see the docstring of :mod:`.prune`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tshrink import hookimpl
+from tshrink.spec import MethodSpec, Option, Recipe, StageSpec
+
+PAPER = "Flynn et al., Shrinking Transformers After Training (STAT), arXiv 2406.00061"
+
+SKETCH = Option("stat_sketch", "none", "activation statistics: exact Gram ('none') or a streamed row sketch "
+                "(Gaussian / CountSketch, then pivoted QR of the sketch)", ("none", "gaussian", "countsketch"))
+SKETCH_SIZE = Option("stat_sketch_size", 0, "rows of the sketch; 0 = 2r+10 (Gaussian) or 4r+10 (CountSketch) "
+                     "for target rank r (the kept width when correcting, all columns when scoring)")
+CENTER = Option("stat_center", True, "when the output projection has a bias: decompose centred activations "
+                "and fold the removed units' mean output into the bias")
+ERROR_NORM = Option("stat_error_norm", "stream", "scale of the error curves: relative to the typical "
+                    "(median-token) energy of the residual stream entering the layer ('stream') or absolute "
+                    "output error ('none')", ("stream", "none"))
+ALLOCATION = Option("stat_allocation", "global", "widths: greedy error reduction per MAC over all layers and "
+                    "both kinds ('global') or the same kept fraction in every layer ('uniform')",
+                    ("global", "uniform"))
+PRUNE_HEADS = Option("stat_prune_heads", True, "prune attention units too (False: MLP neurons only, unless "
+                     "the budget cannot be met without heads)")
+SEQUENTIAL = Option("stat_sequential", "layer", "statistics of each layer from the already pruned model: "
+                    "'layer' (2 passes per layer), 'sublayer' (the MLP also sees its layer's pruned "
+                    "attention; up to 3 passes), 'none' (all from the dense model, 1 pass)",
+                    ("layer", "sublayer", "none"))
+REPICK = Option("stat_repick", True, "re-choose the units of each layer by the decomposition at the "
+                "selected width (False: keep the selector's units, only fold the correction)")
+DAMPING = Option("stat_damping", 1e-6, "ridge of the least-squares fold, relative to the mean column energy")
+
+
+@hookimpl
+def tshrink_stages() -> list[StageSpec]:
+    return [
+        StageSpec("score", "stat", "error curves of the neuron ID and head block selection per layer "
+                  "(dense model, layer by layer); score = convexified error reduction of the unit",
+                  needs_calibration=True, options=(SKETCH, SKETCH_SIZE, CENTER, ERROR_NORM), paper=PAPER),
+        StageSpec("select", "stat-allocate", "per-layer head/neuron widths from the STAT error curves under "
+                  "the FLOPs budget", options=(ALLOCATION, PRUNE_HEADS), paper=PAPER),
+        StageSpec("correct", "stat", "sequential ID re-selection at the chosen widths with least-squares "
+                  "folds into the down and output projections", needs_calibration=True,
+                  options=(SKETCH, SKETCH_SIZE, CENTER, SEQUENTIAL, REPICK, DAMPING), paper=PAPER),
+    ]
+
+
+@hookimpl
+def tshrink_methods() -> list[MethodSpec]:
+    full = Recipe(score="stat", select="stat-allocate", correct=("stat",))
+    return [
+        MethodSpec("stat", full, "STAT: ID-based head and neuron pruning, global allocation from the "
+                   "decompositions' errors, sequential least-squares folds", paper=PAPER, compare_by_default=True),
+        MethodSpec("stat-uniform", Recipe(score="stat", select="uniform", correct=("stat",)),
+                   "STAT with the same kept fraction of heads and neurons in every layer", paper=PAPER),
+        MethodSpec("stat-mlp", full, "STAT on MLP neurons only (attention kept), global allocation",
+                   paper=PAPER, defaults={"stat_prune_heads": False}),
+    ]
+
+
+@hookimpl
+def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
+    if name != "stat":
+        return None
+    from .prune import StatConfig, stat_scores
+
+    return stat_scores(ctx.adapter, ctx.calib, StatConfig.from_options(options, ctx.seed), device=ctx.device,
+                       report=ctx.report.setdefault("stat:score", {}))
+
+
+@hookimpl
+def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) -> Any:
+    if name != "stat-allocate":
+        return None
+    from .prune import stat_allocate
+
+    return stat_allocate(scores, ctx.cost, ctx.budget, allocation=options["stat_allocation"],
+                         prune_heads=options["stat_prune_heads"], report=ctx.report.setdefault("stat:select", {}))
+
+
+@hookimpl
+def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]) -> Any:
+    if name != "stat":
+        return None
+    from .prune import StatConfig, stat_correct
+
+    return stat_correct(ctx.adapter, ctx.calib, selection, StatConfig.from_options(options, ctx.seed),
+                        device=ctx.device, report=ctx.report.setdefault("stat:correct", {}))

@@ -1,0 +1,429 @@
+"""STAT on a whole model: error curves per layer (score), widths (select), and the
+sequential decompose-and-fold pass (correct). Flynn et al., *Shrinking Transformers After
+Training* (STAT), arXiv 2406.00061.
+
+Per layer, two activation matrices (real tokens only) are streamed into
+:class:`.collect.ColumnStats` while a :class:`tshrink.calibration.LayerStream` runs that
+layer -- memory is bounded by one layer's statistics, never all layers' activations:
+
+* MLP: ``A`` (tokens x neurons), the down projection's input (for a gated MLP the product
+  ``act(gate) * up``). Columns are scaled by the norms of the matching down-projection
+  columns, and a column ID (pivoted Cholesky of the Gram, or pivoted QR of a sketch) picks
+  the neurons.
+* Attention: ``X`` (tokens x units*group*head_dim), the output projection's input; a unit
+  (head, or KV group under GQA) is a block of ``group*head_dim`` columns. Each block is
+  scaled by ``(W_u^T W_u)^{1/2}``, ``W_u`` its output-projection columns, so a block's
+  energy is exactly that unit's contribution to the layer output (the block analogue of
+  the neuron scaling); heads are then chosen by the greedy block-pivoted decomposition
+  (:func:`.idecomp.select_blocks`).
+
+Folding. For kept columns ``K`` the output projection ``W`` (``y = A W^T + b``) is replaced
+by the least-squares fit ``W_K' = argmin ||A W^T - A_K W_K'^T||`` computed from the Gram
+(:func:`.idecomp.least_squares_fold`, a tiny ridge ``stat_damping`` for rank-deficient
+blocks). For the ID's columns this is exactly the paper's fold ``W T^T`` (T is the
+least-squares interpolation of the other columns). When the projection has a bias and
+``stat_center`` is on, activations are centred first (decomposition and fit) and the mean
+of what the removed units produced is folded into the bias.
+
+Error curves. The decompositions' factors give, for every width k, the exact calibration
+error ``e[k] = ||A W^T - A_K W_K'^T||_F^2`` of that fold
+(:func:`.idecomp.weighted_residuals`). With ``stat_error_norm="stream"`` each layer's
+curves are divided by the typical energy of the residual stream entering the layer (token
+count x median ``||h_t||^2``, :func:`.collect.stream_energy`), i.e. they measure the
+relative perturbation of the stream, which is what the following normalisations see;
+attention and MLP curves are in the same units, so one allocator can trade them (see
+:mod:`.allocate`).
+
+Numerics. Default (``stat_sketch="none"``): the exact Gram, float64, on the model's
+device, and the ID by pivoted Cholesky (LAPACK ``dpstrf`` on the CPU, a blocked torch loop
+on a GPU) -- the same pivots and ``R`` as pivoted QR in exact arithmetic (torch has no
+pivoted QR), at the price of a squared condition number, irrelevant for the leading pivots
+that pruning keeps. With ``stat_sketch="gaussian"|"countsketch"`` a row sketch
+``Y = S A`` (s x n) is streamed instead (CountSketch: O(n) per token instead of O(n^2));
+when ``s < n`` (correcting to a small width) the neuron ID is the pivoted QR of ``Y``
+(scipy, float64, on the CPU: ``Y`` is small), otherwise the pivoted Cholesky of ``Y^T Y``;
+the head selection and the folds use ``Y^T Y``.
+
+Robustness. Token rows with NaN/inf are dropped (and reported); a layer whose statistics
+are empty or non-finite keeps the incoming selection without any weight change, with a
+warning in the report. No module is resized here: the host removes units afterwards.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tshrink.arch.base import Adapter
+from tshrink.calibration import CalibrationData, LayerStream
+from tshrink.cost import CostModel
+from tshrink.masking import soft_masks
+from tshrink.units import Selection, UnitScores
+
+from .allocate import allocate_global, allocate_uniform, hull_gains
+from .collect import SKETCHES, ColumnStats, stream_energy
+from .idecomp import (block_columns, id_from_gram, interpolative_decomposition, least_squares_fold,
+                      select_blocks, weighted_residuals)
+
+ERROR_NORMS = ("stream", "none")
+SEQUENTIAL = ("sublayer", "layer", "none")
+_F64 = torch.float64
+_EPS = float(torch.finfo(_F64).eps)
+
+
+@dataclass(frozen=True)
+class StatConfig:
+    """The plugin's options, validated (names without the ``stat_`` prefix)."""
+
+    sketch: str = "none"
+    sketch_size: int = 0
+    center: bool = True
+    error_norm: str = "stream"
+    sequential: str = "layer"
+    repick: bool = True
+    damping: float = 1e-6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sketch not in SKETCHES:
+            raise ValueError(f"stat_sketch={self.sketch!r} is not one of {SKETCHES}")
+        if self.error_norm not in ERROR_NORMS:
+            raise ValueError(f"stat_error_norm={self.error_norm!r} is not one of {ERROR_NORMS}")
+        if self.sequential not in SEQUENTIAL:
+            raise ValueError(f"stat_sequential={self.sequential!r} is not one of {SEQUENTIAL}")
+        if not (isinstance(self.damping, (int, float)) and self.damping >= 0):
+            raise ValueError(f"stat_damping={self.damping!r} must be a number >= 0")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], seed: int = 0) -> "StatConfig":
+        d = cls()
+        get = lambda name, default: options.get(f"stat_{name}", default)  # noqa: E731
+        return cls(get("sketch", d.sketch), int(get("sketch_size", d.sketch_size)), bool(get("center", d.center)),
+                   get("error_norm", d.error_norm), str(get("sequential", d.sequential)),
+                   bool(get("repick", d.repick)), float(get("damping", d.damping)), seed)
+
+    def stats(self, n: int, device: torch.device, *, target_rank: int | None = None, seed: int = 0) -> ColumnStats:
+        return ColumnStats(n, sketch=self.sketch, size=self.sketch_size, target_rank=target_rank,
+                           seed=self.seed + seed, device=device)
+
+
+# -- scaling and decompositions of one layer -----------------------------------------------
+@contextmanager
+def _single_thread(t: torch.Tensor) -> Iterator[None]:
+    """Run CPU torch ops inside on one thread (no-op for tensors on other devices)."""
+    if t.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def unit_scaling(W: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit scales from the output projection ``W`` (out, n), units of ``bs`` columns.
+
+    Returns ``(M, M_pinv)``, each (n/bs, bs, bs): ``M_u = (W_u^T W_u)^{1/2}`` (for ``bs = 1``
+    the column norm) and its pseudo-inverse, so ``||X_u M_u||_F = ||X_u W_u^T||_F`` and
+    ``(W M^+) M = W``.
+    """
+    out, n = W.shape
+    W64 = W.detach().to(_F64)
+    if bs == 1:
+        d = W64.norm(dim=0)  # (n,)
+        inv = torch.where(d > n * _EPS * d.max().clamp(min=1e-300), 1.0 / d.clamp(min=1e-300), torch.zeros_like(d))
+        return d.reshape(n, 1, 1), inv.reshape(n, 1, 1)
+    Wb = W64.reshape(out, n // bs, bs).permute(1, 0, 2)  # (nb, out, bs)
+    with _single_thread(W64):  # batched small eigh: measured ~100x slower with 2 OpenMP threads
+        lam, V = torch.linalg.eigh(Wb.transpose(1, 2) @ Wb)  # (nb, bs), (nb, bs, bs)
+    lam = lam.clamp(min=0)
+    tol = bs * _EPS * lam.amax(-1, keepdim=True)
+    root = lam.sqrt()
+    inv = torch.where(lam > tol, 1.0 / root.clamp(min=1e-300), torch.zeros_like(root))
+    M = V @ torch.diag_embed(root) @ V.transpose(1, 2)
+    Mp = V @ torch.diag_embed(inv) @ V.transpose(1, 2)
+    return M, Mp
+
+
+def block_apply(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``W M`` (out, n) for block-diagonal ``M`` (nb, bs, bs)."""
+    nb, bs, _ = M.shape
+    W64 = W.detach().to(M.device, _F64).reshape(W.shape[0], nb, bs)
+    return torch.einsum("oai,aij->oaj", W64, M.to(_F64)).reshape(W.shape[0], nb * bs)
+
+
+def neuron_decomposition(stats: ColumnStats, W: torch.Tensor, center: bool,
+                         k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pivot order (n,) of the scaled column ID of the down-projection input, and the
+    error curve (n+1,) ``||A W^T - A_K W_K'^T||_F`` for the first k pivots (float64)."""
+    M, Mp = unit_scaling(W, 1)
+    M, Mp = M.to(stats.sum.device), Mp.to(stats.sum.device)
+    kind, mat = stats.scaled(center, M)
+    if kind == "sketch" and mat.shape[0] < mat.shape[1]:  # a short sketch: pivoted QR of it (scipy, CPU)
+        d = interpolative_decomposition(mat, k)
+    else:  # the Gram (exact, or of a sketch at least as tall as wide): pivoted Cholesky
+        d = id_from_gram(mat if kind == "gram" else mat.T @ mat, k)
+    return d.pivots, weighted_residuals(d.factor.to(mat.device), block_apply(W, Mp))
+
+
+def head_decomposition(stats: ColumnStats, W: torch.Tensor, bs: int, center: bool,
+                       k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy block order (units,) of the scaled output-projection input, and the error
+    curve (units+1,) of the least-squares fold onto the first t units."""
+    M, Mp = unit_scaling(W, bs)
+    M, Mp = M.to(stats.sum.device), Mp.to(stats.sum.device)
+    kind, mat = stats.scaled(center, M)
+    G = mat if kind == "gram" else mat.T @ mat
+    sel = select_blocks(G, bs, k)
+    return sel.order, weighted_residuals(sel.factor, block_apply(W, Mp), sel.ends)
+
+
+def fold_into(linear: nn.Linear, stats: ColumnStats, cols: torch.Tensor, center: bool, damping: float) -> str | None:
+    """Replace ``linear``'s columns ``cols`` by the least-squares fold (and its bias by the
+    centred fit's intercept). Returns a reason instead of writing if the result is not finite."""
+    center = center and linear.bias is not None
+    G = stats.gram(center)
+    if not bool(torch.isfinite(G).all()):
+        return "activation statistics are not finite"
+    W = linear.weight
+    cols = cols.to(G.device).long()
+    Wk = least_squares_fold(G, W, cols, damping=damping)  # (out, |K|)
+    bias = None
+    if center:
+        mu = stats.mean  # (n,)
+        W64 = W.detach().to(G.device, _F64)
+        bias = linear.bias.detach().to(G.device, _F64) + W64 @ mu - Wk.to(G.device, _F64) @ mu[cols]
+    if not bool(torch.isfinite(Wk).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        return "the fitted weights are not finite"
+    with torch.no_grad():
+        W[:, cols.to(W.device)] = Wk.to(W.device, W.dtype)
+        if bias is not None:
+            linear.bias.copy_(bias.to(linear.bias.device, linear.bias.dtype))
+    return None
+
+
+# -- streaming helpers ---------------------------------------------------------------------
+def _pass(stream: LayerStream, captures: list[tuple[nn.Module, ColumnStats | None]], *, advance: bool,
+          masks: tuple[list[Any], list[Any]] | None = None) -> None:
+    """Run the stream's current layer once (advancing or not) with the given captures."""
+    with ExitStack() as stack:
+        for module, stats in captures:
+            if stats is not None:
+                stack.enter_context(stream.capture(module, stats.update))
+        if masks is not None:
+            stack.enter_context(soft_masks(stream.adapter, *masks))
+        if advance:
+            stream.advance()
+        else:
+            stream.run()
+
+
+def _layer_masks(adapter: Adapter, layer: int, heads: list[int] | None, neurons: list[int] | None):
+    n = adapter.num_layers
+    hm: list[torch.Tensor | None] = [None] * n
+    nm: list[torch.Tensor | None] = [None] * n
+    if heads is not None:
+        hm[layer] = torch.zeros(adapter.attn(layer).units)
+        hm[layer][heads] = 1.0
+    if neurons is not None:
+        nm[layer] = torch.zeros(adapter.mlp(layer).neurons)
+        nm[layer][neurons] = 1.0
+    return hm, nm
+
+
+def _dropped(warn: Callable[[str], None], layer: int, what: str, stats: ColumnStats) -> None:
+    if stats.dropped:
+        warn(f"layer {layer} {what}: dropped {stats.dropped} of {stats.dropped + stats.count} token rows "
+             "with NaN/inf activations")
+
+
+# -- score ---------------------------------------------------------------------------------
+def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, device: torch.device,
+                report: dict[str, Any] | None = None) -> UnitScores:
+    """Error curves of every layer on the dense model and the unit scores derived from them.
+
+    A unit's score is its hull gain (:func:`.allocate.hull_gains`) at its pivot position:
+    the (convexified) error reduction it brings, in the curves' units. ``extra["stat"]``
+    holds, per layer, ``{"order": (n,), "errors": (n+1,)}`` for heads and neurons (``None``
+    where not computed) -- what ``stat-allocate`` consumes.
+    """
+    report = report if report is not None else {}
+    warnings: list[str] = report.setdefault("warnings", [])
+    stream = LayerStream(adapter, calib, device=device)
+    L = adapter.num_layers
+    out: dict[str, list[Any]] = {"heads": [], "neurons": []}
+    scores: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": []}
+    for layer in range(L):
+        a, m = adapter.attn(layer), adapter.mlp(layer)
+        bs = a.head_dim * a.group
+        energy = stream_energy(stream.hidden, stream.token_masks) if cfg.error_norm == "stream" else 1.0
+        energy = energy if energy > 0 else 1.0
+        att = cfg.stats(a.o.in_features, device, seed=2 * layer) if a.units else None
+        mlp = cfg.stats(m.neurons, device, seed=2 * layer + 1) if m.neurons else None
+        _pass(stream, [(a.o, att), (m.out, mlp)], advance=layer < L - 1)
+        for kind, stats, n in (("heads", att, a.units), ("neurons", mlp, m.neurons)):
+            if stats is None:
+                out[kind].append(None)
+                scores[kind].append(torch.zeros(n))
+                continue
+            _dropped(warnings.append, layer, kind, stats)
+            if stats.count == 0:
+                raise ValueError(f"layer {layer}: no calibration token has finite {kind} activations; "
+                                 "check the model and the calibration data")
+            lin = a.o if kind == "heads" else m.out
+            center = cfg.center and lin.bias is not None
+            if kind == "heads":
+                order, errors = head_decomposition(stats, lin.weight, bs, center)
+            else:
+                order, errors = neuron_decomposition(stats, lin.weight, center)
+            curve = (errors.pow(2) / energy).cpu()  # (n+1,)
+            s = torch.zeros(n, dtype=_F64)
+            s[order.cpu()] = hull_gains(curve)
+            out[kind].append({"order": order.cpu(), "errors": curve})
+            scores[kind].append(s.float())
+    report["error_norm"] = cfg.error_norm
+    report["route"] = "gram+pivoted-cholesky" if cfg.sketch == "none" else f"{cfg.sketch}-sketch+pivoted-qr"
+    return UnitScores(scores["heads"], scores["neurons"], extra={"stat": out})
+
+
+# -- select --------------------------------------------------------------------------------
+def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocation: str = "global",
+                  prune_heads: bool = True, report: dict[str, Any] | None = None) -> Selection:
+    """Widths per layer and kind from the error curves of ``stat_scores``; each layer keeps
+    the prefix of its pivot order. ``prune_heads=False`` keeps every attention unit unless
+    the budget cannot be met that way (then heads are allocated too, with a warning)."""
+    report = report if report is not None else {}
+    if allocation not in ("global", "uniform"):
+        raise ValueError(f"stat_allocation={allocation!r} is not one of ('global', 'uniform')")
+    extra = scores.extra.get("stat")
+    if extra is None:
+        raise ValueError("select stage 'stat-allocate' needs the error curves of score stage 'stat' "
+                         "(use score=stat in the recipe)")
+    heads, neurons = extra["heads"], extra["neurons"]
+    fixed = sum(c.fixed for c in cost.layers)
+    allowed = cost.budget_macs(budget) - fixed
+    head_counts = [s.numel() for s in scores.heads]
+    if not prune_heads:
+        attn = sum(n * c.head for n, c in zip(head_counts, cost.layers))
+        if allowed - attn < 0:
+            report.setdefault("warnings", []).append(
+                f"budget {budget} is below the cost of the unpruned attention ({(attn + fixed) / cost.macs():.3f} "
+                "of the FLOPs): attention units are pruned as well")
+            prune_heads = True
+        else:
+            allowed -= attn
+    curves, unit_macs, sizes = [], [], []
+    for layer, c in enumerate(cost.layers):
+        for curve, macs in ((heads[layer] if prune_heads else None, c.head), (neurons[layer], c.neuron)):
+            curves.append(None if curve is None else curve["errors"])
+            sizes.append(None if curve is None else curve["order"].numel())
+            unit_macs.append(macs)
+    if allocation == "global":
+        widths = allocate_global(curves, unit_macs, allowed)
+    else:
+        widths = allocate_uniform(sizes, unit_macs, allowed)
+    sel_heads, sel_neurons = [], []
+    for layer in range(len(cost.layers)):
+        wh, wn = widths[2 * layer], widths[2 * layer + 1]
+        sel_heads.append(list(range(head_counts[layer])) if wh is None else heads[layer]["order"][:wh].tolist())
+        sel_neurons.append(list(range(scores.neurons[layer].numel())) if wn is None
+                           else neurons[layer]["order"][:wn].tolist())
+    sel = Selection(sel_heads, sel_neurons)
+    kept = [float(c[w]) for c, w in zip(curves, widths) if c is not None and w is not None]
+    report["estimated_error"] = sum(kept)
+    return sel
+
+
+# -- correct -------------------------------------------------------------------------------
+def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection, cfg: StatConfig, *,
+                 device: torch.device, report: dict[str, Any] | None = None) -> Selection:
+    """Layer by layer: re-decompose at the selection's widths (``cfg.repick``; otherwise keep
+    its indices), fold the least-squares correction into the output projections, and run
+    the pruned layer so the next one calibrates on pruned inputs (``cfg.sequential``:
+    ``"sublayer"`` also re-runs a layer whose heads were pruned so that its MLP sees the
+    pruned attention -- up to 3 passes per layer; ``"layer"``: MLP statistics from the same
+    pass as the attention's -- 2 passes; ``"none"``: all statistics from the dense model --
+    1 pass). Returns the selection to remove (same widths)."""
+    report = report if report is not None else {}
+    warnings: list[str] = report.setdefault("warnings", [])
+    layers_report: list[dict[str, Any]] = report.setdefault("layers", [])
+    stream = LayerStream(adapter, calib, device=device)
+    L = adapter.num_layers
+    new_heads = [list(h) for h in selection.heads]
+    new_neurons = [list(n) for n in selection.neurons]
+    for layer in range(L):
+        a, m = adapter.attn(layer), adapter.mlp(layer)
+        bs = a.head_dim * a.group
+        kh, kn = len(selection.heads[layer]), len(selection.neurons[layer])
+        do_att, do_mlp = a.units > 0 and kh < a.units, m.neurons > 0 and kn < m.neurons
+        last = layer == L - 1
+        att = cfg.stats(a.o.in_features, device, target_rank=kh * bs, seed=2 * layer) if do_att else None
+        mlp = cfg.stats(m.neurons, device, target_rank=kn, seed=2 * layer + 1) if do_mlp else None
+        info: dict[str, Any] = {"layer": layer, "heads": kh, "neurons": kn}
+        if cfg.sequential == "none":  # statistics of the dense model: one pass per layer
+            _pass(stream, [(a.o, att), (m.out, mlp)], advance=not last)
+        elif do_att or do_mlp:
+            within = cfg.sequential == "sublayer" and do_att
+            _pass(stream, [(a.o, att), (m.out, None if within else mlp)], advance=False)
+        if do_att:
+            new_heads[layer] = _correct_heads(a.o, att, selection.heads[layer], bs, cfg, info, layer, warnings)
+        if do_mlp:
+            if cfg.sequential == "sublayer" and do_att:  # the MLP sees its pruned, corrected attention
+                _pass(stream, [(m.out, mlp)], advance=False,
+                      masks=_layer_masks(adapter, layer, new_heads[layer], None))
+            new_neurons[layer] = _correct_neurons(m.out, mlp, selection.neurons[layer], cfg, info, layer, warnings)
+        if cfg.sequential != "none" and not last:
+            masks = _layer_masks(adapter, layer, new_heads[layer] if do_att else None,
+                                 new_neurons[layer] if do_mlp else None)
+            _pass(stream, [], advance=True, masks=masks)
+        layers_report.append(info)
+    return Selection(new_heads, new_neurons)
+
+
+def _usable(stats: ColumnStats, layer: int, what: str, warnings: list[str]) -> bool:
+    _dropped(warnings.append, layer, what, stats)
+    if stats.count == 0:
+        warnings.append(f"layer {layer} {what}: no finite calibration activations; kept the incoming "
+                        "selection without correction")
+        return False
+    return True
+
+
+def _correct_heads(o: nn.Linear, stats: ColumnStats, given: list[int], bs: int, cfg: StatConfig,
+                   info: dict[str, Any], layer: int, warnings: list[str]) -> list[int]:
+    if not _usable(stats, layer, "attention", warnings):
+        return list(given)
+    center = cfg.center and o.bias is not None
+    keep = torch.as_tensor(given, dtype=torch.long)
+    if cfg.repick:
+        order, errors = head_decomposition(stats, o.weight, bs, center, len(given))
+        keep = order[: len(given)].cpu()
+        info["attn_rel_err"] = float(errors[len(given)] / errors[0].clamp(min=1e-300))
+    why = fold_into(o, stats, block_columns(keep, bs), center, cfg.damping)
+    if why is not None:
+        warnings.append(f"layer {layer} attention: {why}; kept the incoming selection without correction")
+        return list(given)
+    return sorted(keep.tolist())
+
+
+def _correct_neurons(out: nn.Linear, stats: ColumnStats, given: list[int], cfg: StatConfig,
+                     info: dict[str, Any], layer: int, warnings: list[str]) -> list[int]:
+    if not _usable(stats, layer, "MLP", warnings):
+        return list(given)
+    center = cfg.center and out.bias is not None
+    keep = torch.as_tensor(given, dtype=torch.long)
+    if cfg.repick:
+        order, errors = neuron_decomposition(stats, out.weight, center, len(given))
+        keep = order[: len(given)].cpu()
+        info["mlp_rel_err"] = float(errors[len(given)] / errors[0].clamp(min=1e-300))
+    why = fold_into(out, stats, keep, center, cfg.damping)
+    if why is not None:
+        warnings.append(f"layer {layer} MLP: {why}; kept the incoming selection without correction")
+        return list(given)
+    return sorted(keep.tolist())
