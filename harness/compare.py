@@ -1,192 +1,148 @@
-"""``harness compare``: every method x budget on one model, side by side.
+"""``harness compare``: every method x budget on one model and task, side by side.
 
 For each run: prune a fresh copy of the dense model (timed), count FLOPs with fvcore
-(1 multiply-add = 1 FLOP), count parameters, evaluate, and time dense vs pruned forward
-passes in the same process. Each run becomes one JSON record under ``results/runs/``
-(written atomically); a re-run skips the records it already has.
+(1 multiply-add = 1 FLOP) and parameters, evaluate on the task, time dense and pruned
+forward passes in the same process (warm-up, repeats, median), and measure the saved
+checkpoint. The dense model is always a row. Each run becomes one JSON record under
+``results/runs/<task>/<model>/`` (written atomically, see :mod:`.records`); a re-run skips
+the records it already has, so an interrupted compare resumes where it stopped.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
-import platform
-import statistics
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
+from tqdm.auto import tqdm
 
-from .run import DEFAULTS, build_calibration, model_kind, resolve_data_dir
+from . import records as R
 
-FLOPS_NOTE = "FLOPs: fvcore, 1 multiply-add = 1 FLOP, backbone only (no embeddings / task head), per sequence"
-
-
-def _hash_batches(calib: Any) -> str:
-    h = hashlib.sha256()
-    for b in calib.batches:
-        h.update(b["input_ids"].numpy().tobytes())
-    return h.hexdigest()[:16]
+FLOPS_NOTE = R.FLOPS_NOTE
 
 
-def _hash_model(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
-        h.update(str(tuple(p.shape)).encode())
-    return h.hexdigest()[:16]
 
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("tshrink", "torch", "transformers", "fvcore", "pluggy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "-"
-    return out
-
-
-@torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, batches: Any, device: str) -> dict[str, float]:
-    """Mean next-token NLL over the evaluation windows, and its perplexity."""
-    nll, count = 0.0, 0
-    for b in batches.batches:
-        ids = b["input_ids"].to(device)
-        logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (batch, seq-1, vocab)
-        nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
-        count += ids[:, 1:].numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": count}
-
-
-@torch.no_grad()
-def _pooled(model: torch.nn.Module, batches: Any, device: str) -> list[torch.Tensor]:
-    out = []
-    for b in batches.batches:
-        mask = b["attention_mask"].to(device)
-        h = model(**{k: v.to(device) for k, v in b.items() if k != "labels"})[0]  # (batch, seq, hidden)
-        out.append((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return out
-
-
-def evaluate_encoder(model: torch.nn.Module, batches: Any, device: str, reference: list[torch.Tensor]) -> dict[str, float]:
-    """Agreement of mean-pooled embeddings with the dense model's (no task head needed)."""
-    cos = [torch.nn.functional.cosine_similarity(a, r.to(device), dim=-1) for a, r in zip(_pooled(model, batches, device), reference)]
-    return {"embedding_cosine": torch.cat(cos).mean().item()}
-
-
-@torch.no_grad()
-def latency_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str, *, warmup: int = 2,
-               repeats: int = 5) -> float:
-    """Median forward time in milliseconds of one batch (after ``warmup`` passes)."""
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    times = []
-    for i in range(warmup + repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        model(**inputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def compare(*, methods: str | None, model: str, budgets: list[float], options: dict[str, Any],
-            calib_samples: int | None, eval_samples: int | None, seq_len: int | None, data_dir: str | None,
-            device: str, seed: int, results_dir: str) -> list[dict[str, Any]]:
-    """Run every method x budget; print the table; return the records."""
-    from tabulate import tabulate
-
-    from tshrink.checkpoint import write_json_atomic
+def _fvcore(model: Any, seq_len: int) -> int | None:
     from tshrink.flops import measure_flops
-    from tshrink.manager import get_plugin_manager
+
+    try:
+        return int(measure_flops(model, seq_len)["total"])
+    except ValueError:  # no adapter for this architecture (transform-only recipes)
+        return None
+
+
+def compare(*, methods: str | None, model: str | None, budgets: list[float], options: dict[str, Any],
+            calib_samples: int | None = None, eval_samples: int | None = None, seq_len: int | None = None,
+            data_dir: str | None = None, device: str = "cpu", seed: int = 0, results_dir: str = "results",
+            task: str | None = None, lmeval_include: str | None = None, squad_split: str | None = None,
+            batch_size: int = 8, latency_batch: int = 1, latency_warmup: int = 2, latency_repeats: int = 5,
+            leaderboard: bool = True, command: list[str] | None = None, pm: Any = None) -> list[dict[str, Any]]:
+    """Run (or resume) every method x budget; print the tables; return the records.
+
+    pm: a plugin manager (default: every installed plugin), e.g. with extra test plugins."""
+    import torch
+
     from tshrink.models import load_model
     from tshrink.pipeline import prune
-    from tshrink.registry import Registry
 
-    pm = get_plugin_manager()
-    reg = Registry(pm)
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else [
-        n for n in sorted(reg.methods) if reg.methods[n].compare_by_default]
-    specs = [reg.method(n) for n in names]  # unknown names fail here, before any work
-    for spec in specs:
-        reg.resolve_options(spec, {k: v for k, v in options.items() if k in reg.options(spec)})
-    data = resolve_data_dir(data_dir)
-    dense, tok = load_model(model)
+    from .leaderboard import build, render_group
+    from .measure import bits_per_weight, latency, latency_batch as make_batch, saved_size
+    from .run import make_plan
+
+    if batch_size < 1 or latency_batch < 1:
+        raise ValueError("--batch-size and --latency-batch must be at least 1")
+    plan = make_plan(methods=methods, model=model, task=task, options=options, data_dir=data_dir, device=device,
+                     seq_len=seq_len, calib_samples=calib_samples, eval_samples=eval_samples,
+                     lmeval_include=lmeval_include, squad_split=squad_split, pm=pm)
+    t, seq = plan.task, plan.seq_len
+    # ---- nothing was loaded before this line: every error above is cheap -----------
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per run is ours; no per-save / per-load bars
+    dense, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels)
     dense.to(device)
-    kind = model_kind(dense)
-    d = DEFAULTS[kind]
-    seq = seq_len or d.seq_len
-    calib = build_calibration(tok, kind, samples=calib_samples or d.calib_samples, seq_len=seq, data=data)
-    evalset = build_calibration(tok, kind, samples=eval_samples or d.eval_samples, seq_len=seq, data=data,
-                                part="evaluation")
-    reference = _pooled(dense, evalset, device) if kind == "encoder" else None
+    model_hash = R.hash_tensors(dense)
+    settings = {"seq_len": seq, "eval_samples": plan.eval_samples, "batch_size": batch_size, "device": device}
+    calib = (t.calibration(tok, samples=plan.calib_samples, seq_len=seq, seed=seed, batch_size=batch_size)
+             if plan.needs_calibration else None)
+    calib_desc = R.jsonable(calib.describe() | {"hash": R.hash_calibration(calib), "seed": seed}) if calib else None
+    task_desc = {"name": t.name, "kind": t.kind, "main_metric": t.main_metric,
+                 "higher_is_better": t.higher_is_better, **R.jsonable(t.info)}
+    base = {"schema": R.SCHEMA, "model": {"spec": plan.model, "hash": model_hash, "architecture": type(dense).__name__},
+            "task": task_desc, "settings": settings, "versions": R.versions(), "git": R.git_revision(),
+            "device": R.device_info(device), "command": command, "flops_convention": FLOPS_NOTE}
+    eval_kw = {"device": device, "limit": plan.eval_samples, "seq_len": seq, "batch_size": batch_size}
 
-    def evaluate(net: torch.nn.Module) -> dict[str, float]:
-        return evaluate_lm(net, evalset, device) if kind == "causal" else evaluate_encoder(net, evalset, device, reference)
-
-    lat_batch = evalset.batches[0]
-    base = {
-        "model": model, "model_hash": _hash_model(dense), "kind": kind, "seq_len": seq,
-        "calibration": calib.describe() | {"hash": _hash_batches(calib)},
-        "evaluation": evalset.describe() | {"hash": _hash_batches(evalset)},
-        "seed": seed, "device": device, "versions": _versions(), "git_revision": _git_revision(),
-        "flops_convention": FLOPS_NOTE,
-    }
-    runs = Path(results_dir) / "runs"
-    dense_fv = measure_flops(dense, seq)["total"]
-    dense_params = sum(p.numel() for p in dense.parameters())
-    dense_lat = latency_ms(dense, lat_batch, device)
-    records = [dict(base, method="dense", recipe="(dense)", budget=1.0, flops=dense_fv, flops_kept=1.0,
-                    params=dense_params, metrics=evaluate(dense), latency_ms=dense_lat, speedup=1.0, prune_time_s=0.0)]
-    for spec in specs:
-        opts = {k: v for k, v in options.items() if k in reg.options(spec)}
+    dense_key = R.key_of([R.SCHEMA, "dense", model_hash, t.name, t.info["data_hash"], settings])
+    todo, done = [], []
+    for spec in plan.specs:
         for budget in budgets:
-            key = hashlib.sha256(json.dumps([base["model_hash"], base["calibration"]["hash"], base["evaluation"]["hash"],
-                                             spec.name, str(spec.recipe), opts, budget, seed, seq],
-                                            sort_keys=True).encode()).hexdigest()[:16]
-            file = runs / f"{spec.name.replace('=', '-').replace(',', '_')}-{budget:g}-{key}.json"
-            if file.exists():
-                records.append(json.loads(file.read_text()))
-                print(f"[skip] {file.name} already recorded")
-                continue
-            net = copy.deepcopy(dense)
-            t = time.perf_counter()
-            res = prune(net, spec, budget, calib=calib, seq_len=seq, options=opts, pm=pm, device=device, seed=seed)
-            prune_time = time.perf_counter() - t
-            fv = measure_flops(net, seq)["total"]
-            lat = latency_ms(net, lat_batch, device)
-            rec = dict(base, method=spec.name, recipe=str(spec.recipe), options=res.report["options"], budget=budget,
-                       flops=fv, flops_kept=fv / dense_fv, params=sum(p.numel() for p in net.parameters()),
-                       metrics=evaluate(net), latency_ms=lat, dense_latency_ms=dense_lat, speedup=dense_lat / lat,
-                       prune_time_s=prune_time, widths=res.report["widths_after"], transforms=res.report["transforms"],
-                       record_key=key)
-            write_json_atomic(file, rec)
-            records.append(rec)
-            del net
-    metric_keys = sorted({k for r in records for k in r["metrics"] if k not in ("nll", "eval_tokens")})
-    rows = [[r["method"], r["budget"], f"{r['flops_kept']:.3f}", f"{r['params'] / 1e6:.2f}M"]
-            + [f"{r['metrics'][k]:.4g}" for k in metric_keys] + [f"{r['speedup']:.2f}x", f"{r['prune_time_s']:.1f}"]
-            for r in records]
-    print(tabulate(rows, headers=["method", "budget", "FLOPs kept", "params", *metric_keys, "speedup", "prune s"],
-                   tablefmt="github"))
-    print(f"\n{FLOPS_NOTE}; seq_len={seq}; model={model}; calibration={calib.source} "
-          f"x{calib.n_examples}; evaluation={evalset.source} x{evalset.n_examples}")
-    return records
+            opts = plan.registry.resolve_options(spec, plan.options[spec.name])
+            key = R.key_of([R.SCHEMA, model_hash, t.name, t.info["data_hash"], settings, calib_desc, spec.name,
+                            str(spec.recipe), opts, budget, seed])
+            found = R.find_record(results_dir, t.name, plan.model, key)
+            (done.append(found) if found else todo.append((spec, budget, key)))
+    dense_rec = R.find_record(results_dir, t.name, plan.model, dense_key)
+    for rec in done:
+        print(f"[skip] {rec['method']} @ {rec['budget']:g}: already recorded ({rec['record_key']})")
+
+    lat_batch = make_batch(int(dense.config.vocab_size), latency_batch, seq, seed)
+    lat_kw = {"warmup": latency_warmup, "repeats": latency_repeats}
+    needed = bool(todo) or dense_rec is None
+    if needed:
+        t.on_dense(dense, tok, **eval_kw)
+    dense_fv = _fvcore(dense, seq) if needed else None
+    dense_params = sum(p.numel() for p in dense.parameters())
+    dense_lat = latency(dense, lat_batch, device, **lat_kw) if needed else None
+    if dense_rec is None:
+        start = time.perf_counter()
+        ev = t.evaluate(dense, tok, **eval_kw)
+        size = saved_size(dense)
+        dense_rec = R.jsonable(dict(
+            base, record_key=dense_key, method="dense", recipe="(dense)", options={}, budget=1.0, seed=seed,
+            calibration=None, metrics=ev.metrics, main_metric=ev.info.get("main_metric", t.main_metric),
+            evaluation=dict(ev.info, time_s=time.perf_counter() - start),
+            flops={"fvcore": dense_fv, "fvcore_dense": dense_fv, "kept": 1.0, "analytic_kept": 1.0, "seq_len": seq},
+            params=dense_params, params_dense=dense_params,
+            latency={"pruned": dense_lat, "dense": dense_lat, "speedup": 1.0},
+            size=dict(size, dense_bytes=size["bytes"], compression_ratio=1.0, bits_per_weight=bits_per_weight(dense, None)),
+            prune={"time_s": 0.0}))
+        R.write_record(results_dir, dense_rec)
+    dense_bytes = dense_rec["size"]["bytes"]
+
+    out = [dense_rec] + done
+    for spec, budget, key in tqdm(todo, desc="compare", unit="run", disable=not todo):
+        opts = plan.registry.resolve_options(spec, plan.options[spec.name])
+        tqdm.write(f"[run] {spec.name} @ {budget:g}")
+        net = copy.deepcopy(dense)
+        start = time.perf_counter()
+        res = prune(net, spec, budget, calib=calib, seq_len=seq, options=plan.options[spec.name], pm=plan.pm,
+                    device=device, seed=seed, progress=True)
+        prune_time = time.perf_counter() - start
+        fv = _fvcore(net, seq)
+        start = time.perf_counter()
+        ev = t.evaluate(net, tok, **eval_kw)
+        eval_time = time.perf_counter() - start
+        lat = latency(net, lat_batch, device, **lat_kw)
+        size = saved_size(net, res.compressed)
+        rec = R.jsonable(dict(
+            base, record_key=key, method=spec.name, recipe=str(spec.recipe), options=opts, budget=budget, seed=seed,
+            calibration=calib_desc, metrics=ev.metrics, main_metric=ev.info.get("main_metric", t.main_metric),
+            evaluation=dict(ev.info, time_s=eval_time),
+            flops={"fvcore": fv, "fvcore_dense": dense_fv, "kept": fv / dense_fv if fv and dense_fv else 1.0,
+                   "analytic_kept": res.report["flops_kept"], "seq_len": seq},
+            params=sum(p.numel() for p in net.parameters()), params_dense=dense_params,
+            latency={"pruned": lat, "dense": dense_lat, "speedup": dense_lat["median_ms"] / lat["median_ms"]},
+            size=dict(size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / max(size["bytes"], 1),
+                      bits_per_weight=bits_per_weight(net, res.report["transforms"])),
+            prune={"time_s": prune_time, "timings_s": res.report["timings_s"], "widths": res.report["widths_after"],
+                   "transforms": res.report["transforms"], "stages": res.report["stages"]}))
+        R.write_record(results_dir, rec)
+        out.append(rec)
+        del net
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(render_group(out))
+    if leaderboard:
+        path = build(results_dir)
+        print(f"\nleaderboard: {path}")
+    return out

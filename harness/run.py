@@ -1,100 +1,147 @@
-"""Shared pieces of the harness commands: defaults, calibration sources, prune-to-directory."""
+"""Shared pieces of the harness commands: the pre-flight plan (every check before any work),
+and ``harness prune``'s prune-to-directory."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import resolve_data_dir  # noqa: F401  (the one resolver; re-exported for callers)
 
-@dataclass(frozen=True)
-class KindDefaults:
-    """Defaults per model kind, sized so the README's main job takes minutes on 2 CPU cores."""
 
+@dataclass
+class Plan:
+    """Everything validated before a model is loaded."""
+
+    pm: Any
+    registry: Any
+    specs: list[Any]  # MethodSpec per requested method
+    options: dict[str, dict[str, Any]]  # method name -> its (raw) options
+    task: Any  # a prepared tshrink_harness.tasks.registry.Task
+    model: str
+    config: Any
+    data_dir: Path | None
+    device: str
     seq_len: int
     calib_samples: int
-    eval_samples: int
+    eval_samples: int | None
+    needs_calibration: bool
 
 
-DEFAULTS = {
-    "causal": KindDefaults(seq_len=256, calib_samples=32, eval_samples=16),
-    "encoder": KindDefaults(seq_len=128, calib_samples=256, eval_samples=256),
-}
+def split_methods(text: str | None, registry: Any) -> list[str]:
+    if not text:
+        names = [n for n in sorted(registry.methods) if registry.methods[n].compare_by_default]
+        if not names:
+            raise ValueError("no method is marked compare_by_default; pass --methods (see `harness plugins`)")
+        return names
+    # a recipe ("score=a,select=b") contains commas too: methods are split on ';' when one has '='
+    parts = text.split(";") if "=" in text else text.split(",")
+    names = [p.strip() for p in parts if p.strip()]
+    if not names:
+        raise ValueError(f"--methods {text!r} names no method")
+    return names
 
 
-def resolve_data_dir(given: str | None) -> Path | None:
-    """The local data directory: ``--data-dir``, else ``$TSHRINK_DATA_DIR``, else None."""
-    value = given or os.environ.get("TSHRINK_DATA_DIR")
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data directory {value!r} does not exist")
-    return path
+def check_device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device (CPU build or no GPU); use --device cpu")
+    return device
 
 
-def model_kind(model: Any) -> str:
-    from tshrink.arch.families import get_adapter
+def make_plan(*, methods: str | None, model: str | None, task: str | None, options: dict[str, str],
+              data_dir: str | None, device: str, seq_len: int | None, calib_samples: int | None,
+              eval_samples: int | None, lmeval_include: str | None = None,
+              squad_split: str | None = None, pm: Any = None) -> Plan:
+    """Resolve and check methods, options, device, data directory, model and task; read the
+    task's data. Raises ValueError / FileNotFoundError with the reason; loads no model."""
+    from transformers import AutoConfig
 
-    return "causal" if get_adapter(model).causal else "encoder"
-
-
-def text_source(part: str, data: Path | None) -> tuple[str, str]:
-    """(name, text) for calibration ('calibration') or evaluation ('evaluation') of LMs:
-    WikiText-2 (valid for calibration, test for evaluation) when the data directory has it,
-    else the Python documentation that ships with every CPython."""
-    if data is not None:
-        name = "wiki.valid.tokens" if part == "calibration" else "wiki.test.tokens"
-        file = data / "wikitext-2-tokens" / name
-        if file.exists():
-            return f"wikitext-2-tokens/{name}", file.read_text(encoding="utf-8")
-    from tshrink.textdata import builtin_text
-
-    return f"python-docs:{part}", builtin_text(part)
-
-
-def build_calibration(tokenizer: Any, kind: str, *, samples: int, seq_len: int, data: Path | None,
-                      part: str = "calibration") -> Any:
-    """Unlabelled calibration (or evaluation) batches for a model kind."""
-    from tshrink.calibration import batches_from_texts, lm_batches_from_text
-    from tshrink.textdata import builtin_sentences
-
-    if samples < 1:
-        raise ValueError(f"--calib-samples/--eval-samples must be at least 1, got {samples}")
-    if kind == "causal":
-        name, text = text_source(part, data)
-        return lm_batches_from_text(tokenizer, text, seq_len=seq_len, n_sequences=samples, source=name)
-    sentences = builtin_sentences(part)[:samples]
-    return batches_from_texts(tokenizer, sentences, seq_len=seq_len, source=f"python-docs:{part}")
-
-
-def prune_to_dir(*, model: str, method: str, budget: float, output: str, options: dict[str, Any],
-                 calib_samples: int | None, seq_len: int | None, data_dir: str | None, device: str,
-                 seed: int) -> dict[str, Any]:
-    """Load, calibrate, prune, count FLOPs (fvcore), save checkpoint + ``report.json``."""
-    from tshrink.checkpoint import save_pruned, write_json_atomic
-    from tshrink.flops import measure_flops
     from tshrink.manager import get_plugin_manager
-    from tshrink.models import load_model
-    from tshrink.pipeline import prune
+    from tshrink.models import resolve_model
     from tshrink.registry import Registry
 
-    pm = get_plugin_manager()
-    spec = Registry(pm).method(method)  # fail on a bad name before loading anything
+    from .tasks.registry import config_kind, default_task, get_task
+
+    pm = pm or get_plugin_manager()
+    reg = Registry(pm)
+    specs = [reg.method(n) for n in split_methods(methods, reg)]  # "did you mean" on unknown names
+    known = {name for spec in specs for name in reg.options(spec)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"option(s) {unknown} belong to none of the methods {[s.name for s in specs]}; "
+                         f"see `harness plugins --options`")
+    per_method = {s.name: {k: v for k, v in options.items() if k in reg.options(s)} for s in specs}
+    for spec in specs:
+        reg.resolve_options(spec, per_method[spec.name])  # bad values fail now
+    check_device(device)
     data = resolve_data_dir(data_dir)
-    net, tok = load_model(model)
-    kind = model_kind(net)
-    d = DEFAULTS[kind]
-    seq = seq_len or d.seq_len
-    calib = build_calibration(tok, kind, samples=calib_samples or d.calib_samples, seq_len=seq, data=data)
-    fv_before = measure_flops(net, seq)["total"]
-    t = time.perf_counter()
-    result = prune(net, spec, budget, calib=calib, seq_len=seq, options=options, pm=pm, device=device, seed=seed)
-    report = dict(result.report, model=model, wall_time_s=time.perf_counter() - t)
+    for name, value in (("--seq-len", seq_len), ("--calib-samples", calib_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if eval_samples is not None and eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0 (0 = the whole split), got {eval_samples}")
+    if model is None:
+        model = "minilm" if task is not None and get_task(task, lmeval_include=lmeval_include,
+                                                          squad_split=squad_split).model_kind == "encoder" else "smollm2"
+    where = resolve_model(model)
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the config of model {model!r}: {err}") from None
+    kind = config_kind(config)
+    overrides: dict[str, Any] = {}
+    if task is None:
+        task = default_task(kind or "causal", data)
+        if task == "wikitext2":  # the README's quick default on WikiText-2: same size as on Python docs
+            overrides = {"seq_len": 256, "eval_samples": 16}
+    t = get_task(task, lmeval_include=lmeval_include, squad_split=squad_split)
+    t.check_model(config, model)
+    needs = [reg.needs(s.recipe) for s in specs]
+    labelled = [s.name for s, n in zip(specs, needs) if n["labels"]]
+    if labelled and not t.labelled_calibration:
+        raise ValueError(f"method(s) {labelled} need labelled calibration data, which task {t.name!r} does not "
+                         f"provide; use a task with a training split (e.g. --task sst2, --task pydocs)")
+    seq = seq_len or overrides.get("seq_len") or t.seq_len
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq > max_pos:
+        raise ValueError(f"--seq-len {seq} exceeds model {model!r}'s max_position_embeddings={max_pos}")
+    need_calib = any(n["calibration"] for n in needs)
+    t.prepare(data, need_train=need_calib)
+    evals = (eval_samples or None) if eval_samples is not None else overrides.get("eval_samples", t.eval_samples)
+    return Plan(pm, reg, specs, per_method, t, model, config, data, device, seq,
+                calib_samples or t.calib_samples, evals, need_calib)
+
+
+def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, options: dict[str, Any],
+                 calib_samples: int | None, seq_len: int | None, data_dir: str | None, device: str,
+                 seed: int, task: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Load, calibrate on the task's data, prune, count FLOPs (fvcore), save checkpoint + ``report.json``."""
+    from tshrink.checkpoint import save_pruned, write_json_atomic
+    from tshrink.flops import measure_flops
+    from tshrink.models import load_model
+    from tshrink.pipeline import prune
+
+    from .records import jsonable
+
+    plan = make_plan(methods=method, model=model, task=task, options=options,
+                     data_dir=data_dir, device=device, seq_len=seq_len, calib_samples=calib_samples, eval_samples=None)
+    spec, t = plan.specs[0], plan.task
+    net, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels)
+    calib = (t.calibration(tok, samples=plan.calib_samples, seq_len=plan.seq_len, seed=seed, batch_size=batch_size)
+             if plan.needs_calibration else None)
+    fv_before = measure_flops(net, plan.seq_len)["total"]
+    start = time.perf_counter()
+    result = prune(net, spec, budget, calib=calib, seq_len=plan.seq_len, options=plan.options[spec.name],
+                   pm=plan.pm, device=device, seed=seed, progress=True)
+    report = jsonable(dict(result.report, model=plan.model, task=t.name, wall_time_s=time.perf_counter() - start))
     report["fvcore_flops_before"] = fv_before
-    report["fvcore_flops_after"] = measure_flops(net, seq)["total"]
-    report["data_dir"] = str(data) if data else None
+    report["fvcore_flops_after"] = measure_flops(net, plan.seq_len)["total"]
+    report["data_dir"] = str(plan.data_dir) if plan.data_dir else None
     save_pruned(net.to("cpu"), output, tokenizer=tok, info={"report": report}, compressed=result.compressed)
     write_json_atomic(Path(output) / "report.json", report)
     return report

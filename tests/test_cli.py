@@ -59,3 +59,27 @@ def test_bad_input_is_a_clear_error(argv, message, capsys):
         err = capsys.readouterr().err
     assert rc == 2
     assert message.lower() in err.lower()
+
+
+def test_help_lists_the_harness_commands_without_torch():
+    code = ("import sys, contextlib, io\nfrom tshrink_harness.cli import main\n"
+            "for argv in (['--help'], ['compare', '--help'], ['finetune', '--help']):\n"
+            "    buf = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            "        try: main(argv)\n"
+            "        except SystemExit: pass\n"
+            "    print(buf.getvalue())\n"
+            "assert 'torch' not in sys.modules, 'torch imported by --help'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for word in ("finetune", "leaderboard", "tasks", "--task", "--lmeval-include", "--latency-repeats",
+                 "--max-train-samples", "--calib-samples", "--seed", "--device"):
+        assert word in out.stdout, word
+
+
+def test_leaderboard_of_nothing_imports_no_torch(tmp_path):
+    code = (f"import sys; from tshrink_harness.cli import main; main(['leaderboard', '--results', {str(tmp_path)!r}]);"
+            "assert 'torch' not in sys.modules, 'torch imported by harness leaderboard'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "LEADERBOARD.md").exists()

@@ -221,8 +221,8 @@ def test_evaluate_loop_tiny_bert(tok):
         squad.evaluate_squad(model, tok, [_example("u", "q ?", "the cat .", None)], max_length=48)
 
 
-def test_real_dev_file_and_minilm_tokenizer():
-    path = squad.default_squad_path()
+def test_real_dev_file_and_minilm_tokenizer(data_dir):
+    path = squad.default_squad_path(data_dir)
     if not path.exists():
         pytest.skip(f"real SQuAD dev file not found at {path} (set TSHRINK_DATA_DIR)")
     examples = squad.load_squad(path, "1.1")

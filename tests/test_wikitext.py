@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from tshrink_harness.tasks import wikitext
-from tshrink_harness.tasks.squad import resolve_data_dir
 
 from _tokenizers import byte_bpe_tokenizer
 
@@ -81,20 +80,20 @@ def test_calibration_windows_deterministic(tok):
         assert any(torch.equal(row, ids[s:s + 16]) for s in range(ids.numel() - 15))
 
 
-def test_real_wikitext_files(tok):
-    raw = resolve_data_dir() / wikitext.RAW_TEST_FILE
+def test_real_wikitext_files(tok, data_dir):
+    raw = data_dir / wikitext.RAW_TEST_FILE
     if not raw.exists():
         pytest.skip(f"WikiText-2 raw test file not found at {raw} (set TSHRINK_DATA_DIR)")
     digest = hashlib.sha256(raw.read_bytes()).hexdigest()
     assert digest.startswith("173c87a5") and digest.endswith("dd08")  # canonical file
-    rows = wikitext.wikitext2_test_rows()
+    rows = wikitext.wikitext2_test_rows(data_dir)
     assert len(rows) == 4358  # rows of HF wikitext-2-raw-v1 "test"
     assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
     assert sum(r == "" for r in rows) == 1467 and all(r.endswith("\n") for r in rows if r)
-    text = wikitext.wikitext2_test_text()
+    text = wikitext.wikitext2_test_text(data_dir)
     assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is")
     assert len(text) == sum(map(len, rows)) + 2 * (len(rows) - 1)
-    res = wikitext.wikitext2_perplexity(_tiny_llama(len(tok)), tok, seq_len=64, max_windows=2)
+    res = wikitext.wikitext2_perplexity(_tiny_llama(len(tok)), tok, data_dir=data_dir, seq_len=64, max_windows=2)
     assert res.n_windows == 2 and math.isfinite(res.ppl) and res.ppl > 1
-    calib = wikitext.calibration_text(max_chars=5000)
+    calib = wikitext.calibration_text(data_dir, max_chars=5000)
     assert len(calib) == 5000 and "<unk>" in calib

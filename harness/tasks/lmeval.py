@@ -39,7 +39,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], *,
                 limit: int | float | None = None, batch_size: int = 1, device: str = "cpu",
                 num_fewshot: int | None = None, include_defaults: bool | None = None,
                 bootstrap_iters: int = 0, max_length: int | None = None,
-                log_samples: bool = False) -> LmEvalResult:
+                log_samples: bool = False, env_info: bool = False) -> LmEvalResult:
     """Evaluate `model` (a transformers causal LM object) on lm-eval `tasks`.
 
     - `include_path`: folder(s) with extra task YAMLs (e.g. local, offline tasks).
@@ -51,6 +51,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], *,
     - `bootstrap_iters=0` skips bootstrap standard errors (lm-eval's default is 100000).
     - `max_length`: context length for HFLM (default: from the model config).
     - `log_samples=True` keeps lm-eval's per-document records in `raw["samples"]`.
+    - `env_info=True` keeps lm-eval's environment report (pip list, ...: seconds per call).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -86,9 +87,16 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], *,
         if unknown:
             raise ValueError(f"unknown lm-eval task(s) {unknown}; check the names or include_path "
                              f"({len(manager.all_tasks)} tasks are known)")
-        raw = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                              batch_size=batch_size, device=device, task_manager=manager,
-                              bootstrap_iters=bootstrap_iters, log_samples=log_samples)
+        from contextlib import nullcontext
+        from unittest import mock
+
+        # lm-eval's environment report runs `pip list` etc. in subprocesses (~5 s a call on a
+        # small CPU); tshrink records package versions itself, so it is skipped unless asked.
+        quiet = nullcontext() if env_info else mock.patch("lm_eval.evaluator.add_env_info", lambda results: None)
+        with quiet:
+            raw = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  batch_size=batch_size, device=device, task_manager=manager,
+                                  bootstrap_iters=bootstrap_iters, log_samples=log_samples)
     finally:
         model.train(was_training)
     metrics = {  # numbers only: drops "alias" and "N/A" stderrs; sample_len is in n_samples

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tshrink_harness.data import resolve_data_dir
+
 VERSIONS = ("1.1", "2.0")
 DEV_V11_FILE = "squad/dev-v1.1.rebuilt.json"  # relative to the data directory
 DEFAULT_SPLIT = "dev-articles:train=0-23,eval=24-47"  # the 48 dev articles, halved in file order
@@ -41,20 +43,10 @@ DEFAULT_SPLIT = "dev-articles:train=0-23,eval=24-47"  # the 48 dev articles, hal
 # --------------------------------------------------------------------------- data
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The shared benchmark-data directory: `data_dir` if given, else `$TSHRINK_DATA_DIR`,
-    else `<repo>/../shared/data`. The path is returned whether or not it exists."""
-    if data_dir is not None:
-        return Path(data_dir)
-    if os.environ.get("TSHRINK_DATA_DIR"):
-        return Path(os.environ["TSHRINK_DATA_DIR"])
-    repo = Path(__file__).resolve().parents[2]  # harness/tasks/squad.py -> repo root
-    return repo.parent / "shared" / "data"
-
-
 def default_squad_path(data_dir: str | os.PathLike | None = None) -> Path:
-    """Where the local SQuAD v1.1 dev file is expected (may not exist)."""
-    return resolve_data_dir(data_dir) / DEV_V11_FILE
+    """Where the local SQuAD v1.1 dev file is expected (may not exist) in the data directory
+    (`data_dir`, else `$TSHRINK_DATA_DIR`; FileNotFoundError when neither is set)."""
+    return resolve_data_dir(data_dir, required=True, what="the local SQuAD dev file") / DEV_V11_FILE
 
 
 def _check_version(version: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tshrink_harness.tasks.squad import resolve_data_dir
+from tshrink_harness.data import resolve_data_dir
 
 RAW_TEST_FILE = "wikitext-2-raw/wiki.test.raw"  # relative to the data directory
 TOKENS_FILES = {"valid": "wikitext-2-tokens/wiki.valid.tokens",
@@ -71,7 +71,7 @@ def wikitext2_test_rows(data_dir: str | os.PathLike | None = None, *, online: bo
         from datasets import load_dataset
 
         return list(load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"])
-    path = resolve_data_dir(data_dir) / RAW_TEST_FILE
+    path = resolve_data_dir(data_dir, required=True, what="WikiText-2") / RAW_TEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"WikiText-2 raw test file not found at {path}; set TSHRINK_DATA_DIR "
                                 "or pass data_dir (or online=True to download it)")
@@ -94,7 +94,7 @@ def calibration_text(data_dir: str | os.PathLike | None = None, *, split: str = 
         raise ValueError(f"split {split!r} is not available; use one of {sorted(TOKENS_FILES)}")
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars={max_chars} must be >= 1 (or None for all)")
-    path = resolve_data_dir(data_dir) / TOKENS_FILES[split]
+    path = resolve_data_dir(data_dir, required=True, what="WikiText-2") / TOKENS_FILES[split]
     if not path.exists():
         raise FileNotFoundError(f"WikiText-2 tokens file not found at {path}; set TSHRINK_DATA_DIR "
                                 "or pass data_dir")

@@ -1,0 +1,175 @@
+"""Tables and ``results/LEADERBOARD.md`` from run records alone.
+
+``harness leaderboard`` reads ``results/runs/**/*.json`` and rewrites
+``results/LEADERBOARD.md`` and ``results/plots/*.png``. Output depends on the records only
+(sorted keys and rows, no timestamps, PNGs without software metadata), so two rebuilds
+give byte-identical files. Records are grouped by (task, data, model, settings): each
+group gets a summary table (methods as rows, budgets as columns, the task's main metric
+in the cells), a detail table (every metric, FLOPs, parameters, speed-up, bits/weight,
+size on disk, compression ratio) and a Pareto plot (main metric vs FLOPs kept).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from . import records as R
+
+BOARD = "LEADERBOARD.md"
+PLOTS = "plots"
+
+
+def group_key(rec: dict[str, Any]) -> str:
+    return R.key_of([rec["task"]["name"], rec["task"].get("data_hash"), rec["model"]["spec"], rec["model"]["hash"],
+                     rec["settings"]])
+
+
+def group_slug(rec: dict[str, Any]) -> str:
+    return f"{R.slug(rec['task']['name'])}-{R.model_tag(rec['model']['spec'])}-{group_key(rec)[:8]}"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _sorted(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(recs, key=lambda r: (r["method"] != "dense", r["method"], -r["budget"], r["seed"], r["record_key"]))
+
+
+def _metric_name(recs: list[dict[str, Any]]) -> str:
+    dense = [r for r in recs if r["method"] == "dense"]
+    return (dense or recs)[0]["main_metric"]
+
+
+def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
+    """Markdown for one group of records: heading, summary table, detail table, notes."""
+    from tabulate import tabulate
+
+    recs = _sorted(recs)
+    first = recs[0]
+    task, settings = first["task"], first["settings"]
+    main = _metric_name(recs)
+    better = "higher" if task.get("higher_is_better", True) else "lower"
+    split = first.get("evaluation", {}).get("split", task.get("split", "-"))
+    lat = next((r["latency"]["pruned"] for r in recs if r["latency"].get("pruned")), None) or {}
+    lines = [f"## {task['name']} · {first['model']['spec']}", "",
+             f"model `{first['model']['spec']}` ({first['model']['architecture']}, weights hash "
+             f"`{first['model']['hash']}`); task data hash `{task.get('data_hash')}`; evaluation split "
+             f"**{split}**; seq_len {settings['seq_len']}; device {settings['device']}; main metric "
+             f"`{main}` ({better} is better)", ""]
+    budgets = sorted({r["budget"] for r in recs if r["method"] != "dense"}, reverse=True)
+    dense = next((r for r in recs if r["method"] == "dense"), None)
+    rows = []
+    if dense is not None:
+        rows.append(["dense", _num(dense["metrics"].get(main))] + ["" for _ in budgets] + [split])
+    by_method: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
+    for r in recs:
+        if r["method"] != "dense":
+            by_method[r["method"]].setdefault(r["budget"], r)
+    for method in sorted(by_method):
+        cells = [_num(by_method[method][b]["metrics"].get(main)) if b in by_method[method] else "-" for b in budgets]
+        rows.append([method, ""] + cells + [split])
+    headers = ["method", "dense"] + [f"{b:g}" for b in budgets] + ["eval split"]
+    lines += [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
+              f"Cells: `{main}` at each kept-FLOPs budget. {R.FLOPS_NOTE}.", ""]
+    metrics = sorted({k for r in recs for k in r["metrics"]})
+    detail = []
+    for r in recs:
+        size = r.get("size", {})
+        detail.append([r["method"], f"{r['budget']:g}", _num(r["flops"].get("kept")), f"{r['params'] / 1e6:.2f}M"]
+                      + [_num(r["metrics"].get(k)) for k in metrics]
+                      + [f"{r['latency']['speedup']:.2f}x" if r["latency"].get("speedup") else "-",
+                         _num(size.get("bits_per_weight")), _num(size.get("bytes", 0) / 1e6),
+                         f"{size['compression_ratio']:.2f}x" if size.get("compression_ratio") else "-",
+                         f"{r['prune']['time_s']:.1f}", str(r["seed"]), split])
+    headers = (["method", "budget", "FLOPs kept", "params"] + metrics
+               + ["speed-up", "bits/weight", "size MB", "ratio", "prune s", "seed", "eval split"])
+    lines += [tabulate(detail, headers=headers, tablefmt="github", disable_numparse=True), "",
+              f"{R.FLOPS_NOTE}. Speed-up: dense / pruned median forward latency, measured in the same run "
+              f"(batch {lat.get('batch_size', '-')} x {lat.get('seq_len', '-')} tokens, median of "
+              f"{lat.get('repeats', '-')} after {lat.get('warmup', '-')} warm-up passes, {settings['device']}). "
+              f"{R.SIZE_NOTE}.", ""]
+    if plot:
+        lines += [f"![{task['name']} Pareto plot]({plot})", ""]
+    return "\n".join(lines)
+
+
+def pareto_png(recs: list[dict[str, Any]]) -> bytes:
+    """Main metric vs FLOPs kept, one line per method, the dense model as a star (PNG bytes)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    recs = _sorted(recs)
+    main = _metric_name(recs)
+    fig = Figure(figsize=(6.4, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in recs:
+        value = r["metrics"].get(main)
+        if value is not None and r["method"] != "dense":
+            by_method[r["method"]].append((r["flops"]["kept"], value))
+    for method in sorted(by_method):
+        pts = sorted(by_method[method])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for r in recs:
+        if r["method"] == "dense" and r["metrics"].get(main) is not None:
+            ax.axhline(r["metrics"][main], color="black", linestyle=":", linewidth=1)
+            ax.plot([1.0], [r["metrics"][main]], marker="*", markersize=12, color="black", linestyle="", label="dense")
+    if not recs[0]["task"].get("higher_is_better", True):
+        ax.set_yscale("log")
+    ax.set_xlabel("FLOPs kept (fvcore, fraction of dense)")
+    ax.set_ylabel(f"{main} ({'higher' if recs[0]['task'].get('higher_is_better', True) else 'lower'} is better)")
+    ax.set_title(f"{recs[0]['task']['name']} · {recs[0]['model']['spec']}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build(results: str | Path) -> Path:
+    """Rewrite ``<results>/LEADERBOARD.md`` and ``<results>/plots/*.png`` from the records."""
+    results = Path(results)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rec in R.load_records(results):
+        groups[group_slug(rec)].append(rec)
+    parts = ["# Leaderboard", "",
+             f"Rebuilt by `harness leaderboard` from the run records under `{R.RUNS}/` alone (do not edit by hand). "
+             f"One section per task, model and settings.", ""]
+    written = set()
+    for slug in sorted(groups):
+        plot = f"{PLOTS}/{slug}.png"
+        _write_atomic(results / plot, pareto_png(groups[slug]))
+        written.add(results / plot)
+        parts.append(render_group(groups[slug], plot=plot))
+    if not groups:
+        parts += ["(no records yet: run `harness compare`)", ""]
+    for stale in sorted((results / PLOTS).glob("*.png")) if (results / PLOTS).is_dir() else []:
+        if stale not in written:
+            stale.unlink()
+    board = results / BOARD
+    _write_atomic(board, "\n".join(parts).rstrip("\n").encode() + b"\n")
+    return board
