@@ -23,8 +23,8 @@ PLOTS = "plots"
 
 
 def group_key(rec: dict[str, Any]) -> str:
-    return R.key_of([rec["task"]["name"], rec["task"].get("data_hash"), rec["model"]["spec"], rec["model"]["hash"],
-                     rec["settings"]])
+    return R.key_of([rec["task"]["name"], rec["task"].get("data_hash"), R.model_tag(rec["model"]["spec"]),
+                     rec["model"]["hash"], rec["settings"]])
 
 
 def group_slug(rec: dict[str, Any]) -> str:
@@ -59,8 +59,8 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     better = "higher" if task.get("higher_is_better", True) else "lower"
     split = first.get("evaluation", {}).get("split", task.get("split", "-"))
     lat = next((r["latency"]["pruned"] for r in recs if r["latency"].get("pruned")), None) or {}
-    lines = [f"## {task['name']} · {first['model']['spec']}", "",
-             f"model `{first['model']['spec']}` ({first['model']['architecture']}, weights hash "
+    lines = [f"## {task['name']} · {R.model_tag(first['model']['spec'])}", "",
+             f"model `{R.model_tag(first['model']['spec'])}` ({first['model']['architecture']}, weights hash "
              f"`{first['model']['hash']}`); task data hash `{task.get('data_hash')}`; evaluation split "
              f"**{split}**; seq_len {settings['seq_len']}; device {settings['device']}; main metric "
              f"`{main}` ({better} is better)", ""]
@@ -129,7 +129,7 @@ def pareto_png(recs: list[dict[str, Any]]) -> bytes:
         ax.set_yscale("log")
     ax.set_xlabel("FLOPs kept (fvcore, fraction of dense)")
     ax.set_ylabel(f"{main} ({'higher' if recs[0]['task'].get('higher_is_better', True) else 'lower'} is better)")
-    ax.set_title(f"{recs[0]['task']['name']} · {recs[0]['model']['spec']}", fontsize=10)
+    ax.set_title(f"{recs[0]['task']['name']} · {R.model_tag(recs[0]['model']['spec'])}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

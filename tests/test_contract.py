@@ -59,6 +59,26 @@ def test_method_is_deterministic(method):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
+PRUNING = [m for m in METHODS if REGISTRY.method(m).recipe.prunes]
+
+
+@pytest.mark.parametrize("method", PRUNING)
+def test_scores_do_not_depend_on_the_budget(method):
+    """The score hook's contract: scores from a run at one budget, reused at another, give
+    exactly the model a fresh run gives (``harness compare`` scores once per method)."""
+    model, calib = _setup("llama", {})
+    first = prune(model, method, 0.8, calib=calib, seed=3)
+    assert first.scores is not None
+    outs = []
+    for scores in (None, first.scores):
+        model, _ = _setup("llama", {})
+        res = prune(model, method, 0.6, calib=calib, seed=3, scores=scores)
+        assert res.report["stages"].get("score_reused", False) is (scores is not None)
+        with torch.no_grad():
+            outs.append(model(input_ids=calib.batches[0]["input_ids"]).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
 def test_missing_calibration_and_labels_are_errors():
     needing = [m for m in METHODS if REGISTRY.needs(REGISTRY.method(m).recipe)["calibration"]]
     if not needing:

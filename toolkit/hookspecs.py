@@ -47,7 +47,11 @@ def tshrink_score(name: str, ctx: "PruneContext", options: dict[str, Any]) -> "U
     """Score every prunable unit (attention-head units and MLP neurons of every layer).
 
     Higher means more important. Return ``None`` if ``name`` is not yours. Must not change
-    the model's weights (soft masks installed for gradients must be removed again).
+    the model's weights (soft masks installed for gradients must be removed again), and must
+    not depend on ``ctx.budget``: scores are a function of the dense model, the calibration
+    data, the seed and the score stage's own options, so the host computes them once and
+    reuses them for every budget of a comparison (``prune(..., scores=...)``). Later stages
+    must treat ``scores`` (including ``scores.extra``) as read-only.
     """
 
 

@@ -50,6 +50,7 @@ class PruneResult:
     selection: Selection | None
     report: dict[str, Any]
     compressed: dict[str, dict[str, Any]]  # per transform stage: tensors + meta, for saving
+    scores: UnitScores | None = None  # the score stage's output (reusable for other budgets)
 
 
 def _call(hook: Any, kind: str, name: str, **kwargs: Any) -> Any:
@@ -68,12 +69,16 @@ def _check_budget(ctx: PruneContext, sel: Selection, after: str) -> None:
 def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
           calib: CalibrationData | None = None, seq_len: int | None = None,
           options: dict[str, Any] | None = None, pm: pluggy.PluginManager | None = None,
-          device: str | torch.device | None = None, seed: int = 0, progress: bool = False) -> PruneResult:
+          device: str | torch.device | None = None, seed: int = 0, progress: bool = False,
+          scores: UnitScores | None = None) -> PruneResult:
     """Compress ``model`` in place with ``method`` (a registered name or a recipe string).
 
     budget: fraction of the transformer layers' FLOPs to keep, in (0, 1].
     seq_len: sequence length of the cost model (default: the calibration data's, else 128).
     options: method options (see ``harness plugins --options``); unknown names are an error.
+    scores: the output of this recipe's score stage from an earlier call on an identical
+        dense model with the same calibration data, seed and score options (``result.scores``);
+        the score stage is then skipped. Scores do not depend on the budget (hook contract).
     """
     if pm is None:
         from .manager import get_plugin_manager
@@ -111,7 +116,10 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     selection = None
     if recipe.prunes:
         t = time.perf_counter()
-        scores: UnitScores = _call(hook.tshrink_score, "score", recipe.score, ctx=ctx, options=opts)
+        if scores is None:
+            scores = _call(hook.tshrink_score, "score", recipe.score, ctx=ctx, options=opts)
+        else:
+            ctx.report["score_reused"] = True
         scores.check(*counts)
         timings[f"score:{recipe.score}"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -170,4 +178,4 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         "device": str(dev),
         "seed": seed,
     }
-    return PruneResult(model, selection, report, compressed)
+    return PruneResult(model, selection, report, compressed, scores if recipe.prunes else None)

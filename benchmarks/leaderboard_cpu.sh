@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CPU leaderboard: fine-tune the dense MiniLM baselines, then compare STAT, the
+# Fisher-mask method and magnitude pruning at 60/50/40 % of the FLOPs on GLUE dev sets,
+# and STAT vs Fisher vs magnitude on SmolLM2 (WikiText-2 perplexity). Every figure lands in
+# results/runs/**.json (one record per run, resumable) and results/LEADERBOARD.md; the
+# fine-tuning records are copied to results/finetune/.
+#
+#   TSHRINK_DATA_DIR=../shared/data bash benchmarks/leaderboard_cpu.sh [glue tasks...]
+#
+# Run from the repository root inside the project's environment (scripts/setup.sh). On a
+# GPU add DEVICE=cuda. Recipes: see each finetune record; calibration: 512 random training
+# examples per task (the same batches for every method), seed 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${TSHRINK_DATA_DIR:-../shared/data}
+DEVICE=${DEVICE:-cpu}
+CACHE=${TSHRINK_CACHE:-$HOME/.cache/tshrink}
+TASKS=("$@")
+[ ${#TASKS[@]} -gt 0 ] || TASKS=(stsb mrpc rte sst2)
+METHODS=${METHODS:-stat,fisher,magnitude}
+BUDGETS=${BUDGETS:-0.6,0.5,0.4}
+
+epochs() {  # small sets want more passes; SST-2 (67k sentences) one
+  case "$1" in rte) echo 10 ;; mrpc|stsb) echo 5 ;; sst2) echo 1 ;; *) echo 3 ;; esac
+}
+
+mkdir -p results/finetune
+for task in "${TASKS[@]}"; do
+  out="$CACHE/finetuned/minilm-$task"
+  harness finetune --task "$task" --model minilm --epochs "$(epochs "$task")" --data-dir "$DATA" \
+    --device "$DEVICE" --output "$out"
+  cp "$out/finetune.json" "results/finetune/minilm-$task.json"
+  harness compare --methods "$METHODS" --model "$out" --task "$task" --flops "$BUDGETS" \
+    --calib-samples 512 --data-dir "$DATA" --device "$DEVICE" --no-leaderboard
+done
+
+# decoder: WikiText-2 raw test perplexity, 16 windows of 1024 tokens, 32 x 1024 calibration tokens
+if [ -z "${SKIP_DECODER:-}" ]; then
+  harness compare --methods "$METHODS" --model smollm2 --task wikitext2 --flops "$BUDGETS" \
+    --eval-samples 16 --data-dir "$DATA" --device "$DEVICE" --no-leaderboard
+fi
+harness leaderboard --results results
