@@ -89,7 +89,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     compare(methods=args.methods, model=args.model, task=args.task, budgets=budgets, options=_opts(args.opt),
             calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
             data_dir=args.data_dir, device=args.device, seed=args.seed, results_dir=args.results,
-            lmeval_include=args.lmeval_include, squad_split=args.squad_split, batch_size=args.batch_size,
+            lmeval_include=args.lmeval_include, squad_split=args.squad_split, num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             latency_batch=args.latency_batch, latency_warmup=args.latency_warmup,
             latency_repeats=args.latency_repeats, leaderboard=not args.no_leaderboard,
             command=["harness", *sys.argv[1:]] if args.argv is None else ["harness", *args.argv])
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", default=None, help="built-in name (minilm, smollm2), local directory, or hub id "
                        "(default: smollm2; minilm for encoder tasks)")
         s.add_argument("--task", default=None, help="evaluation / calibration task (see `harness tasks`; default: "
-                       "perplexity on Python docs for decoders, embedding agreement for encoders)")
+                       "perplexity on Python docs for decoders, embedding agreement for encoders, translation "
+                       "for encoder-decoders)")
         s.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option; repeatable")
         s.add_argument("--calib-samples", type=int, default=None, help="calibration examples (default per task)")
         s.add_argument("--seq-len", type=int, default=None, help="sequence length: calibration, FLOPs, evaluation")
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-repeats", type=int, default=5)
     s.add_argument("--lmeval-include", default=None, help="folder of local lm-eval task YAMLs (--task lmeval:NAME)")
     s.add_argument("--squad-split", default=None, help="SQuAD dev-article split, e.g. dev-articles:train=0-23,eval=24-47")
+    s.add_argument("--num-beams", type=int, default=None, help="translation: beam size (default 1, greedy)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="translation: most generated tokens (default 256)")
     s.add_argument("--results", default="results", help="directory for the JSON records and LEADERBOARD.md")
     s.add_argument("--no-leaderboard", action="store_true", help="do not rebuild LEADERBOARD.md afterwards")
     common(s)

@@ -21,15 +21,6 @@ FLOPS_NOTE = R.FLOPS_NOTE
 
 
 
-def _fvcore(model: Any, seq_len: int) -> int | None:
-    from tshrink.flops import measure_flops
-
-    try:
-        return int(measure_flops(model, seq_len)["total"])
-    except ValueError:  # no adapter for this architecture (transform-only recipes)
-        return None
-
-
 def _score_key(registry: Any, spec: Any, opts: dict[str, Any]) -> Any:
     """What a recipe's scores depend on besides model, data and seed; None: nothing to score."""
     if not spec.recipe.prunes:
@@ -42,7 +33,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             calib_samples: int | None = None, eval_samples: int | None = None, seq_len: int | None = None,
             data_dir: str | None = None, device: str = "cpu", seed: int = 0, results_dir: str = "results",
             task: str | None = None, lmeval_include: str | None = None, squad_split: str | None = None,
-            batch_size: int = 8, latency_batch: int = 1, latency_warmup: int = 2, latency_repeats: int = 5,
+            num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8, latency_batch: int = 1, latency_warmup: int = 2, latency_repeats: int = 5,
             leaderboard: bool = True, command: list[str] | None = None, pm: Any = None) -> list[dict[str, Any]]:
     """Run (or resume) every method x budget; print the tables; return the records.
 
@@ -54,13 +45,14 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
 
     from .leaderboard import build, render_group
     from .measure import bits_per_weight, latency, latency_batch as make_batch, saved_size
-    from .run import make_plan
+    from .run import flops_or_none, make_plan
 
     if batch_size < 1 or latency_batch < 1:
         raise ValueError("--batch-size and --latency-batch must be at least 1")
     plan = make_plan(methods=methods, model=model, task=task, options=options, data_dir=data_dir, device=device,
                      seq_len=seq_len, calib_samples=calib_samples, eval_samples=eval_samples,
-                     lmeval_include=lmeval_include, squad_split=squad_split, pm=pm)
+                     lmeval_include=lmeval_include, squad_split=squad_split, num_beams=num_beams,
+                     max_new_tokens=max_new_tokens, pm=pm)
     t, seq = plan.task, plan.seq_len
     # ---- nothing was loaded before this line: every error above is cheap -----------
     from transformers.utils import logging as hf_logging
@@ -98,7 +90,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     needed = bool(todo) or dense_rec is None
     if needed:
         t.on_dense(dense, tok, **eval_kw)
-    dense_fv = _fvcore(dense, seq) if needed else None
+    dense_fv = flops_or_none(dense, seq) if needed else None
     dense_params = sum(p.numel() for p in dense.parameters())
     dense_lat = latency(dense, lat_batch, device, **lat_kw) if needed else None
     if dense_rec is None:
@@ -136,7 +128,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             res.report["timings_s"][f"score:{spec.recipe.score}"] = cached[1]
         elif skey is not None:
             score_cache[skey] = (res.scores, res.report["timings_s"][f"score:{spec.recipe.score}"])
-        fv = _fvcore(net, seq)
+        fv = flops_or_none(net, seq)
         start = time.perf_counter()
         ev = t.evaluate(net, tok, **eval_kw)
         eval_time = time.perf_counter() - start

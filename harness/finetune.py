@@ -140,8 +140,10 @@ def finetune(*, task: str, model: str, output: str | None, epochs: float = 3.0, 
                     max_train_samples=max_train_samples, precision="bf16-autocast" if device == "cuda" else "fp32")
     recipe.check()
     config = AutoConfig.from_pretrained(resolve_model(model))
-    if config_kind(config) not in (None, t.model_kind):
-        raise ValueError(f"task {t.name!r} fine-tunes encoders; model {model!r} ({config.model_type}) is a decoder")
+    kind = config_kind(config)
+    if kind not in (None, t.model_kind):
+        what = "an encoder-decoder (seq2seq) model" if kind == "seq2seq" else "a decoder"
+        raise ValueError(f"task {t.name!r} fine-tunes encoders; model {model!r} ({config.model_type}) is {what}")
     t.prepare(resolve_data_dir(data_dir), need_train=True)
     # ---- checks done; the work (and the cache look-up, which hashes weights) starts here ----
     if device == "cuda":

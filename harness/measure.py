@@ -22,10 +22,18 @@ def latency_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0)
 @torch.no_grad()
 def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str, *, warmup: int = 2,
             repeats: int = 5) -> dict[str, Any]:
-    """Median wall time (ms) of one forward pass on ``batch`` after ``warmup`` passes."""
+    """Median wall time (ms) of one forward pass on ``batch`` after ``warmup`` passes.
+
+    ``batch``: ``input_ids`` / ``attention_mask`` (batch, seq). An encoder-decoder
+    (``config.is_encoder_decoder``, e.g. Marian) without ``decoder_input_ids`` in the batch
+    gets the input ids as its target: one teacher-forced pass, encoder and decoder over
+    seq tokens each (``decoder_seq_len`` in the result)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"latency needs repeats >= 1 and warmup >= 0, got {repeats} / {warmup}")
     inputs = {k: v.to(device) for k, v in batch.items()}
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq and "decoder_input_ids" not in inputs:
+        inputs["decoder_input_ids"] = inputs["input_ids"]
     kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
     model.eval()
     times = []
@@ -38,9 +46,12 @@ def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str,
             torch.cuda.synchronize()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1]),
-            "warmup": warmup, "repeats": repeats}
+    out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+           "batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1]),
+           "warmup": warmup, "repeats": repeats}
+    if seq2seq:
+        out["decoder_seq_len"] = int(inputs["decoder_input_ids"].shape[1])
+    return out
 
 
 def checkpoint_bytes(path: str | Path) -> tuple[int, str]:

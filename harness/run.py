@@ -56,9 +56,13 @@ def check_device(device: str) -> str:
 def make_plan(*, methods: str | None, model: str | None, task: str | None, options: dict[str, str],
               data_dir: str | None, device: str, seq_len: int | None, calib_samples: int | None,
               eval_samples: int | None, lmeval_include: str | None = None,
-              squad_split: str | None = None, pm: Any = None) -> Plan:
+              squad_split: str | None = None, num_beams: int | None = None,
+              max_new_tokens: int | None = None, pm: Any = None) -> Plan:
     """Resolve and check methods, options, device, data directory, model and task; read the
-    task's data. Raises ValueError / FileNotFoundError with the reason; loads no model."""
+    task's data. Raises ValueError / FileNotFoundError with the reason; loads no model.
+
+    ``num_beams`` / ``max_new_tokens``: decoding options of generation tasks (translation);
+    None = the task's default, an error for a task they do not apply to."""
     from transformers import AutoConfig
 
     from tshrink.manager import get_plugin_manager
@@ -85,9 +89,14 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
             raise ValueError(f"{name} must be at least 1, got {value}")
     if eval_samples is not None and eval_samples < 0:
         raise ValueError(f"--eval-samples must be >= 0 (0 = the whole split), got {eval_samples}")
+    task_opts = {"lmeval_include": lmeval_include, "squad_split": squad_split, "num_beams": num_beams,
+                 "max_new_tokens": max_new_tokens}
     if model is None:
-        model = "minilm" if task is not None and get_task(task, lmeval_include=lmeval_include,
-                                                          squad_split=squad_split).model_kind == "encoder" else "smollm2"
+        wanted = get_task(task, **task_opts).model_kind if task is not None else "causal"
+        if wanted == "seq2seq":
+            raise ValueError(f"task {task!r} needs an encoder-decoder (seq2seq) model and there is no built-in one: "
+                             f"pass --model DIR (a local model directory, e.g. Helsinki-NLP/opus-mt-en-de)")
+        model = "minilm" if wanted == "encoder" else "smollm2"
     where = resolve_model(model)
     try:
         config = AutoConfig.from_pretrained(where)
@@ -99,8 +108,9 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
         task = default_task(kind or "causal", data)
         if task == "wikitext2":  # the README's quick default on WikiText-2: same size as on Python docs
             overrides = {"seq_len": 256, "eval_samples": 16}
-    t = get_task(task, lmeval_include=lmeval_include, squad_split=squad_split)
+    t = get_task(task, **task_opts)
     t.check_model(config, model)
+    check_architecture(specs, reg, config, model)
     needs = [reg.needs(s.recipe) for s in specs]
     labelled = [s.name for s, n in zip(specs, needs) if n["labels"]]
     if labelled and not t.labelled_calibration:
@@ -117,12 +127,42 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
                 calib_samples or t.calib_samples, evals, need_calib)
 
 
+def _structural(recipe: Any) -> bool:
+    """Whether a recipe removes heads / neurons (needs an architecture adapter)."""
+    return recipe.prunes or bool(recipe.refine) or bool(recipe.correct)
+
+
+def check_architecture(specs: list[Any], registry: Any, config: Any, model: str) -> None:
+    """ValueError when a structured method (score/select/refine/correct stages) is asked
+    for a model type no architecture adapter supports (e.g. Marian); transform-only
+    methods (quantization, unstructured sparsity) walk the modules and work on any."""
+    from tshrink.arch.families import supported_model_types
+
+    model_type = getattr(config, "model_type", None)
+    structural = [s.name for s in specs if _structural(s.recipe)]
+    if structural and model_type not in supported_model_types():
+        only = sorted(n for n, m in registry.methods.items() if not _structural(m.recipe))
+        raise ValueError(f"method(s) {structural} remove attention heads / MLP neurons and need an architecture "
+                         f"adapter; model {model!r} ({model_type}) has none (supported model types: "
+                         f"{', '.join(supported_model_types())}). Methods that only transform weights work on it: "
+                         f"{', '.join(only) or '(none installed)'}")
+
+
+def flops_or_none(model: Any, seq_len: int) -> int | None:
+    """fvcore FLOPs, None for an architecture without an adapter (transform-only recipes)."""
+    from tshrink.flops import measure_flops
+
+    try:
+        return int(measure_flops(model, seq_len)["total"])
+    except ValueError:
+        return None
+
+
 def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, options: dict[str, Any],
                  calib_samples: int | None, seq_len: int | None, data_dir: str | None, device: str,
                  seed: int, task: str | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Load, calibrate on the task's data, prune, count FLOPs (fvcore), save checkpoint + ``report.json``."""
     from tshrink.checkpoint import save_pruned, write_json_atomic
-    from tshrink.flops import measure_flops
     from tshrink.models import load_model
     from tshrink.pipeline import prune
 
@@ -134,13 +174,13 @@ def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, 
     net, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels)
     calib = (t.calibration(tok, samples=plan.calib_samples, seq_len=plan.seq_len, seed=seed, batch_size=batch_size)
              if plan.needs_calibration else None)
-    fv_before = measure_flops(net, plan.seq_len)["total"]
+    fv_before = flops_or_none(net, plan.seq_len)
     start = time.perf_counter()
     result = prune(net, spec, budget, calib=calib, seq_len=plan.seq_len, options=plan.options[spec.name],
                    pm=plan.pm, device=device, seed=seed, progress=True)
     report = jsonable(dict(result.report, model=plan.model, task=t.name, wall_time_s=time.perf_counter() - start))
     report["fvcore_flops_before"] = fv_before
-    report["fvcore_flops_after"] = measure_flops(net, plan.seq_len)["total"]
+    report["fvcore_flops_after"] = flops_or_none(net, plan.seq_len)
     report["data_dir"] = str(plan.data_dir) if plan.data_dir else None
     save_pruned(net.to("cpu"), output, tokenizer=tok, info={"report": report}, compressed=result.compressed)
     write_json_atomic(Path(output) / "report.json", report)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HEADS = ("base", "causal-lm", "sequence-classification", "question-answering")
+HEADS = ("base", "causal-lm", "sequence-classification", "question-answering", "seq2seq-lm")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ def _auto_class(head: str, config: Any) -> Any:
         "causal-lm": transformers.AutoModelForCausalLM,
         "sequence-classification": transformers.AutoModelForSequenceClassification,
         "question-answering": transformers.AutoModelForQuestionAnswering,
+        "seq2seq-lm": transformers.AutoModelForSeq2SeqLM,  # encoder-decoder with generation (Marian, T5)
     }[head]
 
 

@@ -5,8 +5,10 @@ a task's name. Names: every GLUE task (``sst2``, ``mrpc``, ``stsb``, ``rte``, ``
 ``qqp``, ``mnli``, ``mnli_mismatched``, ``qnli``, ``wnli``; spellings like ``SST-2`` work),
 ``squad`` (v1.1) and ``squad_v2``, ``wikitext2`` (perplexity, SparseGPT protocol),
 ``lmeval:<lm-eval task>``, and the offline built-ins ``pydocs`` (perplexity on the Python
-documentation, the default for decoders) and ``pydocs-embedding`` (agreement of an
-encoder's mean-pooled embeddings with the dense model's, the default for encoders).
+documentation, the default for decoders), ``pydocs-embedding`` (agreement of an
+encoder's mean-pooled embeddings with the dense model's, the default for encoders) and
+``translation`` (corpus BLEU of an encoder-decoder such as Marian on local parallel text,
+the default for seq2seq models).
 
 Lifecycle: ``get_task(name)`` -> ``check_model(config)`` -> ``prepare(data_dir)`` (reads and
 checks the data: every "file missing" error happens here, before a model is loaded) ->
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-KINDS = ("encoder", "causal")
+KINDS = ("encoder", "causal", "seq2seq")
 
 
 @dataclass
@@ -39,9 +41,12 @@ def data_hash(obj: Any) -> str:
 
 
 def config_kind(config: Any) -> str | None:
-    """'encoder' or 'causal' for a Hugging Face config, None when unknown."""
+    """'encoder', 'causal' or 'seq2seq' (encoder-decoder: Marian, BART, T5) for a Hugging
+    Face config, None when unknown."""
     from tshrink.arch.families import ADAPTERS
 
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
     for cls in ADAPTERS:
         if getattr(config, "model_type", None) in cls.model_types:
             return "causal" if cls.causal else "encoder"
@@ -56,8 +61,8 @@ class Task:
     """Base class; subclasses fill in data handling. Defaults are sized for 2 CPU cores."""
 
     name: str
-    kind: str  # "glue" | "squad" | "perplexity" | "embedding" | "lmeval"
-    model_kind: str  # "encoder" | "causal"
+    kind: str  # "glue" | "squad" | "perplexity" | "embedding" | "lmeval" | "translation"
+    model_kind: str  # "encoder" | "causal" | "seq2seq"
     head: str  # model head to load (tshrink.models.HEADS)
     metrics: tuple[str, ...]
     main_metric: str
@@ -85,7 +90,8 @@ class Task:
         """ValueError when the model cannot do this task (wrong kind or head)."""
         kind = config_kind(config)
         if kind is not None and kind != self.model_kind:
-            what = {"encoder": "an encoder", "causal": "a decoder (causal LM)"}
+            what = {"encoder": "an encoder", "causal": "a decoder (causal LM)",
+                    "seq2seq": "an encoder-decoder (seq2seq) model"}
             others = ", ".join(n for n in task_names() if _TASKS[n].model_kind == kind) + ", lmeval:<name>" * (kind == "causal")
             raise ValueError(f"task {self.name!r} ({self.kind}) needs {what[self.model_kind]}; model {spec!r} "
                              f"({config.model_type}) is {what[kind]}. Tasks for it: {others}")
@@ -136,7 +142,7 @@ def register_prefix(prefix: str, factory: Callable[[str], Task]) -> None:
 
 
 def _load_builtin() -> None:
-    from . import encoder_tasks, lm_tasks  # noqa: F401  (they register themselves on first import)
+    from . import encoder_tasks, lm_tasks, translation  # noqa: F401  (they register themselves on first import)
 
 
 def task_names() -> list[str]:
@@ -146,7 +152,8 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """A fresh task object for ``name`` (options: ``lmeval_include``, ``squad_split``)."""
+    """A fresh task object for ``name`` (options: ``lmeval_include``, ``squad_split``,
+    ``num_beams``, ``max_new_tokens``; None = not given)."""
     import copy
 
     _load_builtin()
@@ -168,10 +175,13 @@ def get_task(name: str, **options: Any) -> Task:
 
 def default_task(model_kind: str, data_dir: Path | None) -> str:
     """The task when none is given: built-in text (offline, minutes on 2 CPU cores); for
-    decoders WikiText-2 when the data directory holds it (as the README says)."""
+    decoders WikiText-2 when the data directory holds it (as the README says); for
+    encoder-decoders translation (which needs local parallel text)."""
     _load_builtin()
     if model_kind == "encoder":
         return "pydocs-embedding"
+    if model_kind == "seq2seq":
+        return "translation"
     from .lm_tasks import WikiText2Task
 
     return "wikitext2" if data_dir is not None and WikiText2Task.present(data_dir) else "pydocs"

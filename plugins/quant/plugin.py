@@ -25,6 +25,7 @@ RETRAIN = Option("quant_retrain_steps", 0, "recovery steps training the centroid
 TRAINING = (LR, LOSS)
 
 KMEANS_PAPER = "Han et al., Deep Compression, ICLR 2016"
+POSTER = "Compressing Transformers via Pruning and Quantization (WMT English-German)"
 
 
 @hookimpl
@@ -66,10 +67,16 @@ def tshrink_methods() -> list[MethodSpec]:
         MethodSpec("binarize", Recipe(transform=("binarize",)),
                    "1-bit weights, two fixed optimal values per row (the fixed-centroid baseline)"),
         MethodSpec("bs-flex", Recipe(transform=("bs-flex",)),
-                   "1-bit weights with per-row values; a short recovery training lets weights change cluster"),
+                   "1-bit weights with per-row values; a short recovery training lets weights change cluster",
+                   paper=POSTER),
         MethodSpec("imp", Recipe(transform=("imp",)),
                    "iterative magnitude pruning to 30 % then 50 % unstructured sparsity",
                    paper="Han et al., Learning both Weights and Connections, NeurIPS 2015"),
+        # a composition: STAT's stages (another plugin) then this plugin's k-means; listed as
+        # unavailable, not broken, when the STAT plugin is blocked
+        MethodSpec("stat-kmeans", Recipe(score="stat", select="stat-allocate", correct=("stat",),
+                                         transform=("kmeans",)),
+                   "STAT pruning, then 4-bit k-means weight sharing of the pruned weights"),
     ]
 
 
