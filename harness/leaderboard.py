@@ -95,7 +95,9 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
               f"{R.FLOPS_NOTE}. Speed-up: dense / pruned median forward latency, measured in the same run "
               f"(batch {lat.get('batch_size', '-')} x {lat.get('seq_len', '-')} tokens, median of "
               f"{lat.get('repeats', '-')} after {lat.get('warmup', '-')} warm-up passes, {settings['device']}). "
-              f"{R.SIZE_NOTE}.", ""]
+              f"{R.SIZE_NOTE}. prune s: what one prune at that budget alone costs; `harness compare` "
+              "scores each method once and reuses the scores for its other budgets, and counts that "
+              "score time in every row.", ""]
     if plot:
         lines += [f"![{task['name']} Pareto plot]({plot})", ""]
     return "\n".join(lines)
