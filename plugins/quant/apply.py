@@ -185,8 +185,17 @@ def _result(stage: str, model: nn.Module, named: dict[str, KMeansResult | Tensor
     return TransformResult(tensors=tensors, meta=meta, report=report)
 
 
-def _originals(linears: list[tuple[str, nn.Linear]]) -> dict[str, Tensor]:
-    return {name: lin.weight.detach().clone() for name, lin in linears}
+def _prepare(model: nn.Module, options: dict[str, Any], calib: CalibrationData | None, steps_key: str,
+             stage: str) -> tuple[str, int, list[tuple[str, nn.Linear]], Objective | None, dict[str, Tensor]]:
+    """What every stage starts from: scope, training steps (checked), the Linears in scope,
+    the recovery objective (None without steps) and copies of the original weights."""
+    scope, steps = options["quant_scope"], options[steps_key]
+    if steps < 0:
+        raise ValueError(f"{steps_key} must be >= 0, got {steps}")
+    linears = scope_linears(model, scope)
+    objective = Objective(model, calib, options["quant_loss"], steps, stage) if steps else None
+    originals = {name: lin.weight.detach().clone() for name, lin in linears}
+    return scope, steps, linears, objective, originals
 
 
 # ------------------------------------------------------------------ stages
@@ -197,13 +206,8 @@ def kmeans_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationDa
     """k-means weight sharing (``stage="kmeans"``) or the exact fixed-centroid 1-bit
     binarization (``stage="binarize"``); optional centroid retraining, assignments fixed."""
     t = time.perf_counter()
-    scope, steps = options["quant_scope"], options["quant_retrain_steps"]
     granularity, group_size = _grouping(options["quant_granularity"], options["quant_group_size"])
-    if steps < 0:
-        raise ValueError(f"quant_retrain_steps must be >= 0, got {steps}")
-    linears = scope_linears(model, scope)
-    objective = Objective(model, calib, options["quant_loss"], steps, stage) if steps else None
-    originals = _originals(linears)
+    scope, steps, linears, objective, originals = _prepare(model, options, calib, "quant_retrain_steps", stage)
     results: dict[str, KMeansResult] = {}
     for name, lin in linears:
         W = lin.weight.detach()
@@ -240,13 +244,8 @@ def bsflex_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationDa
     """Flexible binarization: one-shot optimal 1-bit split, then ``quant_flex_steps`` of
     recovery training in which weights may cross between the two clusters."""
     t = time.perf_counter()
-    scope, steps = options["quant_scope"], options["quant_flex_steps"]
     granularity, group_size = _grouping(options["quant_granularity"], options["quant_group_size"])
-    if steps < 0:
-        raise ValueError(f"quant_flex_steps must be >= 0, got {steps}")
-    linears = scope_linears(model, scope)
-    objective = Objective(model, calib, options["quant_loss"], steps, "bs-flex") if steps else None
-    originals = _originals(linears)
+    scope, steps, linears, objective, originals = _prepare(model, options, calib, "quant_flex_steps", "bs-flex")
     flex = {name: BSFlex(_as_rows(lin.weight.detach(), granularity), group_size) for name, lin in linears}
     start = {name: f.assignments() for name, f in flex.items()}
     for (name, lin), f in zip(linears, flex.values()):
@@ -281,13 +280,8 @@ def imp_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData 
     """Iterative magnitude pruning along ``quant_imp_schedule``, with ``quant_imp_steps``
     of fine-tuning of the kept weights after every pruning step."""
     t = time.perf_counter()
-    scope, steps = options["quant_scope"], options["quant_imp_steps"]
     schedule = imp_schedule(options["quant_imp_schedule"])
-    if steps < 0:
-        raise ValueError(f"quant_imp_steps must be >= 0, got {steps}")
-    linears = scope_linears(model, scope)
-    objective = Objective(model, calib, options["quant_loss"], steps, "imp") if steps else None
-    originals = _originals(linears)
+    scope, steps, linears, objective, originals = _prepare(model, options, calib, "quant_imp_steps", "imp")
     params = {name: lin.weight for name, lin in linears}
     steps_log: list[dict[str, Any]] = []  # per pruning step: target, weights pruned, recovery figures
 

@@ -372,12 +372,13 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
             within = cfg.sequential == "sublayer" and do_att
             _pass(stream, [(a.o, att), (m.out, None if within else mlp)], advance=False)
         if do_att:
-            new_heads[layer] = _correct_heads(a.o, att, selection.heads[layer], bs, cfg, info, layer, warnings)
+            new_heads[layer] = _correct_units(a.o, att, selection.heads[layer], bs, cfg, info, layer, warnings)
         if do_mlp:
             if cfg.sequential == "sublayer" and do_att:  # the MLP sees its pruned, corrected attention
                 _pass(stream, [(m.out, mlp)], advance=False,
                       masks=_layer_masks(adapter, layer, new_heads[layer], None))
-            new_neurons[layer] = _correct_neurons(m.out, mlp, selection.neurons[layer], cfg, info, layer, warnings)
+            new_neurons[layer] = _correct_units(m.out, mlp, selection.neurons[layer], None, cfg, info, layer,
+                                                warnings)
         if cfg.sequential != "none" and not last:
             masks = _layer_masks(adapter, layer, new_heads[layer] if do_att else None,
                                  new_neurons[layer] if do_mlp else None)
@@ -395,35 +396,24 @@ def _usable(stats: ColumnStats, layer: int, what: str, warnings: list[str]) -> b
     return True
 
 
-def _correct_heads(o: nn.Linear, stats: ColumnStats, given: list[int], bs: int, cfg: StatConfig,
+def _correct_units(linear: nn.Linear, stats: ColumnStats, given: list[int], bs: int | None, cfg: StatConfig,
                    info: dict[str, Any], layer: int, warnings: list[str]) -> list[int]:
-    if not _usable(stats, layer, "attention", warnings):
+    """Re-pick (``cfg.repick``) and fold one projection: attention units of ``bs`` columns
+    each (the output projection), or MLP neurons (``bs=None``, the down projection).
+    Returns the kept units; on unusable statistics the incoming ``given`` untouched."""
+    what = "MLP" if bs is None else "attention"
+    if not _usable(stats, layer, what, warnings):
         return list(given)
-    center = cfg.center and o.bias is not None
+    center = cfg.center and linear.bias is not None
     keep = torch.as_tensor(given, dtype=torch.long)
     if cfg.repick:
-        order, errors = head_decomposition(stats, o.weight, bs, center, len(given))
-        keep = order[: len(given)].cpu()
-        info["attn_rel_err"] = float(errors[len(given)] / errors[0].clamp(min=1e-300))
-    why = fold_into(o, stats, block_columns(keep, bs), center, cfg.damping)
+        k = len(given)
+        order, errors = (neuron_decomposition(stats, linear.weight, center, k) if bs is None
+                         else head_decomposition(stats, linear.weight, bs, center, k))
+        keep = order[:k].cpu()
+        info["mlp_rel_err" if bs is None else "attn_rel_err"] = float(errors[k] / errors[0].clamp(min=1e-300))
+    why = fold_into(linear, stats, keep if bs is None else block_columns(keep, bs), center, cfg.damping)
     if why is not None:
-        warnings.append(f"layer {layer} attention: {why}; kept the incoming selection without correction")
-        return list(given)
-    return sorted(keep.tolist())
-
-
-def _correct_neurons(out: nn.Linear, stats: ColumnStats, given: list[int], cfg: StatConfig,
-                     info: dict[str, Any], layer: int, warnings: list[str]) -> list[int]:
-    if not _usable(stats, layer, "MLP", warnings):
-        return list(given)
-    center = cfg.center and out.bias is not None
-    keep = torch.as_tensor(given, dtype=torch.long)
-    if cfg.repick:
-        order, errors = neuron_decomposition(stats, out.weight, center, len(given))
-        keep = order[: len(given)].cpu()
-        info["mlp_rel_err"] = float(errors[len(given)] / errors[0].clamp(min=1e-300))
-    why = fold_into(out, stats, keep, center, cfg.damping)
-    if why is not None:
-        warnings.append(f"layer {layer} MLP: {why}; kept the incoming selection without correction")
+        warnings.append(f"layer {layer} {what}: {why}; kept the incoming selection without correction")
         return list(given)
     return sorted(keep.tolist())
