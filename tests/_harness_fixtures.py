@@ -1,6 +1,8 @@
 """Tiny local models and data for the harness tests (offline, a few seconds each)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -92,3 +94,33 @@ def tiny_bert_qa_dir(root: Path) -> Path:
     BertForQuestionAnswering(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """``harness`` in-process: (exit code, stderr); argparse's own exits count as code 2."""
+    from tshrink_harness.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:
+        return 2, str(exit_)
+    return rc, capsys.readouterr().err
+
+
+def forbid_model_loading(monkeypatch) -> None:
+    """Make any model load fail the test: input errors must come before the work."""
+    import tshrink.models
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(tshrink.models, "load_model", boom)
+
+
+def cli_stdout_without_torch(argv: list[str]) -> str:
+    """Run ``harness <argv>`` in a fresh interpreter, assert it never imported torch; its stdout."""
+    code = (f"import sys; from tshrink_harness.cli import main; main({argv!r});"
+            f"assert 'torch' not in sys.modules, 'torch imported by harness {' '.join(argv)}'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from _harness_fixtures import cli_stdout_without_torch, run_cli
 from conftest import tiny_model
 from tshrink_harness.cli import main
 
@@ -23,11 +24,8 @@ def _tiny_dir(tmp_path, family="llama"):
 
 
 def test_help_and_plugins_are_instant_and_import_no_torch():
-    code = ("import sys; from tshrink_harness.cli import main; main(['plugins']);"
-            "assert 'torch' not in sys.modules, 'torch imported by harness plugins'")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "magnitude" in out.stdout and "tshrink" in out.stdout
+    out = cli_stdout_without_torch(["plugins"])
+    assert "magnitude" in out and "tshrink" in out
 
 
 def test_prune_writes_checkpoint_and_report(tmp_path, capsys):
@@ -51,12 +49,7 @@ def test_prune_writes_checkpoint_and_report(tmp_path, capsys):
     (["prune", "--method", "magnitude", "--flops", "0.5", "--output", "x", "--model", "/no/such/dir"], "does not exist"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:
-        rc, err = 2, str(exit_)
-    else:
-        err = capsys.readouterr().err
+    rc, err = run_cli(argv, capsys)
     assert rc == 2
     assert message.lower() in err.lower()
 
@@ -78,8 +71,5 @@ def test_help_lists_the_harness_commands_without_torch():
 
 
 def test_leaderboard_of_nothing_imports_no_torch(tmp_path):
-    code = (f"import sys; from tshrink_harness.cli import main; main(['leaderboard', '--results', {str(tmp_path)!r}]);"
-            "assert 'torch' not in sys.modules, 'torch imported by harness leaderboard'")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    cli_stdout_without_torch(["leaderboard", "--results", str(tmp_path)])
     assert (tmp_path / "LEADERBOARD.md").exists()

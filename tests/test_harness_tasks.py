@@ -1,13 +1,10 @@
 """Task registry, data-directory resolution and the harness's up-front errors."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from _harness_fixtures import glue_dir, tiny_bert_dir, tiny_llama_dir
-from tshrink_harness.cli import main
+from _harness_fixtures import (cli_stdout_without_torch, forbid_model_loading, glue_dir, run_cli, tiny_bert_dir,
+                               tiny_llama_dir)
 from tshrink_harness.data import resolve_data_dir
 from tshrink_harness.tasks.registry import get_task, task_names
 
@@ -66,26 +63,13 @@ def test_glue_calibration_is_labelled_and_seeded(tmp_path):
     assert task.info["eval_examples"] == 6 and task.info["train_examples"] == 24
 
 
-def _run(argv, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:
-        return 2, str(exit_)
-    return rc, capsys.readouterr().err
 
 
-def _no_model_loading(monkeypatch):
-    import tshrink.models
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(tshrink.models, "load_model", boom)
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TSHRINK_DATA_DIR", raising=False)
-    _no_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
     llama, bert = tiny_llama_dir(tmp_path), tiny_bert_dir(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -105,18 +89,18 @@ def test_bad_inputs_fail_before_any_work(tmp_path, capsys, monkeypatch):
         (["--model", str(llama), "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
     ]
     for extra, message in cases:
-        rc, err = _run(["compare", "--results", res, *extra], capsys)
+        rc, err = run_cli(["compare", "--results", res, *extra], capsys)
         assert rc == 2, extra
         assert message.lower() in err.lower(), (extra, err)
     assert not (tmp_path / "res").exists()
 
 
 def test_finetune_bad_inputs(tmp_path, capsys, monkeypatch):
-    _no_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
     llama = tiny_llama_dir(tmp_path)
-    rc, err = _run(["finetune", "--task", "pydocs", "--model", str(llama), "--output", str(tmp_path / "o")], capsys)
+    rc, err = run_cli(["finetune", "--task", "pydocs", "--model", str(llama), "--output", str(tmp_path / "o")], capsys)
     assert rc == 2 and "cannot be fine-tuned" in err
-    rc, err = _run(["finetune", "--task", "sst2", "--model", str(llama), "--data-dir", str(glue_dir(tmp_path)),
+    rc, err = run_cli(["finetune", "--task", "sst2", "--model", str(llama), "--data-dir", str(glue_dir(tmp_path)),
                     "--output", str(tmp_path / "o")], capsys)
     assert rc == 2 and "decoder" in err
 
@@ -136,7 +120,7 @@ def test_labels_needed_but_task_has_none(tmp_path, capsys, monkeypatch):
         def tshrink_methods(self):
             return [MethodSpec("needs-labels-test", Recipe(score="needs-labels-test", select="global"))]
 
-    _no_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
     pm = get_plugin_manager(plugins=[NeedsLabels()])
     bert = tiny_bert_dir(tmp_path, head="base")
     with pytest.raises(ValueError, match="need labelled calibration data"):
@@ -145,11 +129,8 @@ def test_labels_needed_but_task_has_none(tmp_path, capsys, monkeypatch):
 
 
 def test_tasks_listing_imports_no_torch():
-    code = ("import sys; from tshrink_harness.cli import main; main(['tasks']);"
-            "assert 'torch' not in sys.modules, 'torch imported by harness tasks'")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "squad_v2" in out.stdout and "lmeval:<name>" in out.stdout
+    out = cli_stdout_without_torch(["tasks"])
+    assert "squad_v2" in out and "lmeval:<name>" in out
 
 
 def test_real_data_tasks_prepare(data_dir):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from _harness_fixtures import forbid_model_loading, run_cli
 from test_translation import PAIRS, tiny_marian, word_tokenizer
 from tshrink_harness.cli import main
 from tshrink_harness.tasks.registry import config_kind, get_task
@@ -42,21 +43,6 @@ def no_env(monkeypatch):
     monkeypatch.delenv("TSHRINK_DATA_DIR", raising=False)
 
 
-def _no_model_loading(monkeypatch):
-    import tshrink.models
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(tshrink.models, "load_model", boom)
-
-
-def _run(argv, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:
-        return 2, str(exit_)
-    return rc, capsys.readouterr().err
 
 
 def test_translation_is_a_listed_task(capsys):
@@ -167,13 +153,13 @@ def test_compare_kmeans_and_bs_flex_on_tiny_marian(tmp_path, capsys, no_env):
 
 @pytest.mark.parametrize("method", ["magnitude", "stat", "fisher", "stat-kmeans"])
 def test_structured_method_on_marian_fails_before_work(tmp_path, capsys, monkeypatch, no_env, method):
-    _no_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
     model, data = tiny_marian_dir(tmp_path), write_pairs(tmp_path / "data", DATA)
-    rc, err = _run(["compare", "--methods", f"kmeans,{method}", "--model", str(model), "--task", "translation",
+    rc, err = run_cli(["compare", "--methods", f"kmeans,{method}", "--model", str(model), "--task", "translation",
                     "--data-dir", str(data), "--results", str(tmp_path / "res")], capsys)
     assert rc == 2 and f"['{method}']" in err and "architecture adapter" in err, err
     assert "(marian) has none" in err and "kmeans" in err.split("work on it:")[1]
-    rc, err = _run(["prune", "--method", method, "--flops", "0.5", "--model", str(model), "--task", "translation",
+    rc, err = run_cli(["prune", "--method", method, "--flops", "0.5", "--model", str(model), "--task", "translation",
                     "--data-dir", str(data), "--output", str(tmp_path / "out")], capsys)
     assert rc == 2 and "architecture adapter" in err
     assert not (tmp_path / "res").exists() and not (tmp_path / "out").exists()
@@ -182,7 +168,7 @@ def test_structured_method_on_marian_fails_before_work(tmp_path, capsys, monkeyp
 def test_wrong_kind_of_model_or_task_is_a_clear_error(tmp_path, capsys, monkeypatch, no_env):
     from _harness_fixtures import tiny_llama_dir
 
-    _no_model_loading(monkeypatch)
+    forbid_model_loading(monkeypatch)
     marian, llama, data = tiny_marian_dir(tmp_path), tiny_llama_dir(tmp_path), write_pairs(tmp_path / "data", DATA)
     cases = [
         (["--task", "pydocs", "--model", str(marian)], "needs a decoder (causal LM)"),
@@ -196,7 +182,7 @@ def test_wrong_kind_of_model_or_task_is_a_clear_error(tmp_path, capsys, monkeypa
         (["--task", "pydocs", "--model", str(llama), "--num-beams", "2"], "--num-beams does not apply"),
     ]
     for extra, message in cases:
-        rc, err = _run(["compare", "--methods", "kmeans", "--results", str(tmp_path / "res"), *extra], capsys)
+        rc, err = run_cli(["compare", "--methods", "kmeans", "--results", str(tmp_path / "res"), *extra], capsys)
         assert rc == 2, extra
         assert message.lower() in err.lower(), (extra, err)
     assert not (tmp_path / "res").exists()
