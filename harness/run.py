@@ -127,11 +127,6 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
                 calib_samples or t.calib_samples, evals, need_calib)
 
 
-def _structural(recipe: Any) -> bool:
-    """Whether a recipe removes heads / neurons (needs an architecture adapter)."""
-    return recipe.prunes or bool(recipe.refine) or bool(recipe.correct)
-
-
 def check_architecture(specs: list[Any], registry: Any, config: Any, model: str) -> None:
     """ValueError when a structured method (score/select/refine/correct stages) is asked
     for a model type no architecture adapter supports (e.g. Marian); transform-only
@@ -139,9 +134,9 @@ def check_architecture(specs: list[Any], registry: Any, config: Any, model: str)
     from tshrink.arch.families import supported_model_types
 
     model_type = getattr(config, "model_type", None)
-    structural = [s.name for s in specs if _structural(s.recipe)]
+    structural = [s.name for s in specs if s.recipe.prunes]
     if structural and model_type not in supported_model_types():
-        only = sorted(n for n, m in registry.methods.items() if not _structural(m.recipe))
+        only = sorted(n for n, m in registry.methods.items() if not m.recipe.prunes)
         raise ValueError(f"method(s) {structural} remove attention heads / MLP neurons and need an architecture "
                          f"adapter; model {model!r} ({model_type}) has none (supported model types: "
                          f"{', '.join(supported_model_types())}). Methods that only transform weights work on it: "

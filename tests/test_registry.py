@@ -70,6 +70,12 @@ def test_recipe_parse_roundtrip_and_errors():
     for bad in ("score", "scorez=x", "select=global", "score=a,score=b"):
         with pytest.raises(ValueError):
             Recipe.parse(bad)
+    # removal stages without a selector would be silently skipped: refused instead, in code too
+    for bad in ("correct=stat", "score=magnitude", "refine=fisher-rearrange,transform=kmeans"):
+        with pytest.raises(ValueError, match="need a 'select' stage"):
+            Recipe.parse(bad)
+    with pytest.raises(ValueError, match="need a 'select' stage"):
+        Recipe(correct=("stat",))
 
 
 def test_duplicate_stage_names_are_rejected():

@@ -75,6 +75,14 @@ class Recipe:
     correct: tuple[str, ...] = ()
     transform: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # removal runs score -> select -> refine* -> correct*: the steps come as a chain
+        if self.select and not self.score:
+            raise ValueError(f"recipe {self}: a 'select' stage needs a 'score' stage")
+        if (self.score or self.refine or self.correct) and not self.select:
+            raise ValueError(f"recipe {self}: 'score', 'refine' and 'correct' stages need a 'select' stage "
+                             "(e.g. select=global)")
+
     def stages(self) -> list[tuple[str, str]]:
         """(kind, name) of every stage, in execution order."""
         out = [("score", self.score)] if self.score else []
@@ -107,8 +115,6 @@ class Recipe:
                 fields[key] = names[0]
             else:
                 fields[key] += names
-        if fields.get("select") and not fields.get("score"):
-            raise ValueError(f"recipe {text!r}: a 'select' stage needs a 'score' stage")
         for key in ("refine", "correct", "transform"):
             fields[key] = tuple(fields[key])
         return cls(**fields)
