@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from .records import SIZE_NOTE  # noqa: F401  (re-exported)
 
 
 def latency_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:

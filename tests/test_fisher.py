@@ -279,7 +279,6 @@ def test_tuning_matches_an_explicit_least_squares_and_lowers_each_sublayer_error
 def test_folding_tuned_masks_equals_the_masked_model(family):
     model, calib = _setup(family, seed=3)
     adapter = get_adapter(model)
-    counts = (adapter.head_counts(), adapter.neuron_counts())
     heads = [[0, 2], [1], [0, 1, 3]] if family == "bert" else [[0], [1], [0, 1]]  # llama: 2 KV groups
     sel = Selection(heads, [list(range(0, 48, 2))] * 3)
     result = tune_masks(adapter, calib, sel, damp=0.0, bounds=(-50.0, 50.0))

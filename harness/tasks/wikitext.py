@@ -24,7 +24,6 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch

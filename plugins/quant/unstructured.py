@@ -10,7 +10,7 @@ weights pruned by an earlier step rank below everything, so masks only ever shri
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
