@@ -24,6 +24,7 @@ import argparse
 import copy
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "calibration": calib.describe(), "budget": args.budget, "batch_size": args.batch_size,
         "paper_reference": "Kwon et al. 2022: < 3 min for BERT-base on one GPU (2,048 examples)",
-        "runs": runs,
+        "runs": runs, "command": "python benchmarks/fisher_timing.py " + " ".join(sys.argv[1:]),
     })
     print(f"wrote {out}")
 

@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -167,6 +168,7 @@ def main() -> None:
     metric, evaluate, eval_desc = _evaluator(dense, tok, kind, data, args)
     out_file = Path(args.out or Path(__file__).resolve().parents[1] / "results" / "benchmarks" / f"quant_{args.model}.json")
     record: dict[str, Any] = {
+        "command": "python benchmarks/quant_bench.py " + " ".join(sys.argv[1:]),
         "model": args.model, "kind": kind, "metric": metric, "evaluation": eval_desc,
         "calibration": calib.describe(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "torch": torch.__version__, "runs": {},
