@@ -33,10 +33,16 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             calib_samples: int | None = None, eval_samples: int | None = None, seq_len: int | None = None,
             data_dir: str | None = None, device: str = "cpu", seed: int = 0, results_dir: str = "results",
             task: str | None = None, lmeval_include: str | None = None, squad_split: str | None = None,
-            num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8, latency_batch: int = 1, latency_warmup: int = 2, latency_repeats: int = 5,
+            num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
+            latency_batch: int | list[int] = (1, 32), latency_warmup: int = 2, latency_repeats: int = 5,
+            latency_min_time: float = 0.2, latency_threads: int | None = None, flops_seq_len: str | int = "padded",
             leaderboard: bool = True, command: list[str] | None = None, pm: Any = None) -> list[dict[str, Any]]:
     """Run (or resume) every method x budget; print the tables; return the records.
 
+    latency_batch: batch size(s) of the latency measurement (dense and pruned timed
+    interleaved in this process, see ``measure.latency_record``); flops_seq_len: the
+    sequence length the FLOPs budget is priced at: "padded" (--seq-len), "avg" (the
+    calibration data's mean real length, as Kwon et al.'s code) or a number of tokens.
     pm: a plugin manager (default: every installed plugin), e.g. with extra test plugins."""
     import torch
 
@@ -44,11 +50,13 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     from tshrink.pipeline import prune
 
     from .leaderboard import build, render_group
-    from .measure import bits_per_weight, latency, latency_batch as make_batch, saved_size
-    from .run import flops_or_none, make_plan
+    from .measure import bits_per_weight, latency_batch as make_batch, latency_record, saved_size
+    from .run import analytic_kept, flops_or_none, make_plan, parse_pricing, pricing_length
 
-    if batch_size < 1 or latency_batch < 1:
-        raise ValueError("--batch-size and --latency-batch must be at least 1")
+    lat_sizes = [latency_batch] if isinstance(latency_batch, int) else list(latency_batch)
+    if batch_size < 1 or not lat_sizes or min(lat_sizes) < 1:
+        raise ValueError(f"--batch-size and --latency-batch must be at least 1, got {batch_size} / {lat_sizes}")
+    pricing = parse_pricing(flops_seq_len)
     plan = make_plan(methods=methods, model=model, task=task, options=options, data_dir=data_dir, device=device,
                      seq_len=seq_len, calib_samples=calib_samples, eval_samples=eval_samples,
                      lmeval_include=lmeval_include, squad_split=squad_split, num_beams=num_beams,
@@ -65,6 +73,10 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     calib = (t.calibration(tok, samples=plan.calib_samples, seq_len=seq, seed=seed, batch_size=batch_size)
              if plan.needs_calibration else None)
     calib_desc = R.jsonable(calib.describe() | {"hash": R.hash_calibration(calib), "seed": seed}) if calib else None
+    price_len, price_desc = pricing_length(pricing, seq, calib, lambda: t.calibration(
+        tok, samples=plan.calib_samples, seq_len=seq, seed=seed, batch_size=batch_size))
+    if pricing != "padded":  # "padded" is the length records were priced at before the option existed
+        settings["flops_seq_len"] = price_desc
     task_desc = {"name": t.name, "kind": t.kind, "main_metric": t.main_metric,
                  "higher_is_better": t.higher_is_better, **R.jsonable(t.info)}
     base = {"schema": R.SCHEMA, "model": {"spec": plan.model, "hash": model_hash, "architecture": type(dense).__name__},
@@ -85,14 +97,14 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     for rec in done:
         print(f"[skip] {rec['method']} @ {rec['budget']:g}: already recorded ({rec['record_key']})")
 
-    lat_batch = make_batch(int(dense.config.vocab_size), latency_batch, seq, seed)
-    lat_kw = {"warmup": latency_warmup, "repeats": latency_repeats}
+    lat_batches = [make_batch(int(dense.config.vocab_size), b, seq, seed) for b in dict.fromkeys(lat_sizes)]
+    lat_kw = {"warmup": latency_warmup, "rounds": latency_repeats, "min_run_time": latency_min_time,
+              "threads": latency_threads}
     needed = bool(todo) or dense_rec is None
     if needed:
         t.on_dense(dense, tok, **eval_kw)
     dense_fv = flops_or_none(dense, seq) if needed else None
     dense_params = sum(p.numel() for p in dense.parameters())
-    dense_lat = latency(dense, lat_batch, device, **lat_kw) if needed else None
     if dense_rec is None:
         start = time.perf_counter()
         ev = t.evaluate(dense, tok, **eval_kw)
@@ -103,7 +115,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             evaluation=dict(ev.info, time_s=time.perf_counter() - start),
             flops={"fvcore": dense_fv, "fvcore_dense": dense_fv, "kept": 1.0, "analytic_kept": 1.0, "seq_len": seq},
             params=dense_params, params_dense=dense_params,
-            latency={"pruned": dense_lat, "dense": dense_lat, "speedup": 1.0},
+            latency=latency_record(dense, None, lat_batches, device, **lat_kw),
             size=dict(size, dense_bytes=size["bytes"], compression_ratio=1.0, bits_per_weight=bits_per_weight(dense, None)),
             prune={"time_s": 0.0}))
         R.write_record(results_dir, dense_rec)
@@ -120,7 +132,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
         skey = _score_key(plan.registry, spec, opts)
         cached = score_cache.get(skey)
         start = time.perf_counter()
-        res = prune(net, spec, budget, calib=calib, seq_len=seq, options=plan.options[spec.name], pm=plan.pm,
+        res = prune(net, spec, budget, calib=calib, seq_len=price_len, options=plan.options[spec.name], pm=plan.pm,
                     device=device, seed=seed, progress=True, scores=cached[0] if cached else None)
         prune_time = time.perf_counter() - start
         if cached:
@@ -132,16 +144,18 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
         start = time.perf_counter()
         ev = t.evaluate(net, tok, **eval_kw)
         eval_time = time.perf_counter() - start
-        lat = latency(net, lat_batch, device, **lat_kw)
+        kept = fv / dense_fv if fv and dense_fv else None
+        lat = latency_record(dense, net, lat_batches, device, flops_kept=kept, **lat_kw)
         size = saved_size(net, res.compressed)
         rec = R.jsonable(dict(
             base, record_key=key, method=spec.name, recipe=str(spec.recipe), options=opts, budget=budget, seed=seed,
             calibration=calib_desc, metrics=ev.metrics, main_metric=ev.info.get("main_metric", t.main_metric),
             evaluation=dict(ev.info, time_s=eval_time),
             flops={"fvcore": fv, "fvcore_dense": dense_fv, "kept": fv / dense_fv if fv and dense_fv else 1.0,
-                   "analytic_kept": res.report["flops_kept"], "seq_len": seq},
+                   "analytic_kept": res.report["flops_kept"], "seq_len": seq, "priced_seq_len": price_len,
+                   "pricing": price_desc, "analytic_kept_padded": analytic_kept(dense, net, seq)},
             params=sum(p.numel() for p in net.parameters()), params_dense=dense_params,
-            latency={"pruned": lat, "dense": dense_lat, "speedup": dense_lat["median_ms"] / lat["median_ms"]},
+            latency=lat,
             size=dict(size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / max(size["bytes"], 1),
                       bits_per_weight=bits_per_weight(net, res.report["transforms"])),
             prune={"time_s": prune_time, "timings_s": res.report["timings_s"], "widths": res.report["widths_after"],
