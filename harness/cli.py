@@ -35,6 +35,26 @@ def _budgets(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+def _sizes(text: str) -> list[int]:
+    """Batch sizes from '1,32'; SystemExit with the reason when one is not a positive integer."""
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"harness: error: --latency-batch {text!r} is not a list of positive batch sizes, e.g. 1,32")
+    return sizes
+
+
+def _pricing(text: str) -> str | int:
+    from .run import parse_pricing
+
+    try:
+        return parse_pricing(text)
+    except ValueError as err:
+        raise SystemExit(f"harness: error: {err}") from None
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -90,14 +110,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     budgets = _budgets(args.flops)
     reference = None if args.reference.lower() == "none" else args.reference
-    recs = compare(methods=args.methods, model=args.model, task=args.task, budgets=budgets, options=_opts(args.opt),
-            calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
-            data_dir=args.data_dir, device=args.device, seed=args.seed, results_dir=args.results,
-            lmeval_include=args.lmeval_include, squad_split=args.squad_split, num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            latency_batch=args.latency_batch, latency_warmup=args.latency_warmup,
-            latency_repeats=args.latency_repeats, leaderboard=not args.no_leaderboard, reference=reference,
-            command=["harness", *sys.argv[1:]] if args.argv is None else ["harness", *args.argv])
+    if args.executor != "ray" and (args.address is not None or args.gpus_per_run or args.cpus_per_run != 1):
+        raise ValueError("--address, --gpus-per-run and --cpus-per-run apply to --executor ray only")
+    recs = compare(
+        methods=args.methods, model=args.model, task=args.task, budgets=budgets, options=_opts(args.opt),
+        calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
+        data_dir=args.data_dir, device=args.device, seed=args.seed, results_dir=args.results,
+        lmeval_include=args.lmeval_include, squad_split=args.squad_split, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        latency_batch=_sizes(args.latency_batch), latency_warmup=args.latency_warmup,
+        latency_repeats=args.latency_repeats, latency_min_time=args.latency_min_time,
+        latency_threads=args.latency_threads, flops_seq_len=_pricing(args.flops_seq_len),
+        leaderboard=not args.no_leaderboard, reference=reference, executor=args.executor,
+        ray_address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+        command=["harness", *sys.argv[1:]] if args.argv is None else ["harness", *args.argv])
     return 1 if any(failed(r) for r in recs) else 0
 
 
@@ -171,9 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-samples", type=int, default=None,
                    help="evaluation examples / windows / lm-eval docs (default per task; 0 = whole split)")
     s.add_argument("--batch-size", type=int, default=8, help="calibration and evaluation batch size")
-    s.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
-    s.add_argument("--latency-warmup", type=int, default=2)
-    s.add_argument("--latency-repeats", type=int, default=5)
+    s.add_argument("--latency-batch", default="1,32", help="batch sizes of the latency measurement (default 1,32: "
+                   "batch 1 and a compute-bound batch); dense and pruned are timed interleaved in one process")
+    s.add_argument("--latency-warmup", type=int, default=2, help="untimed passes per model first")
+    s.add_argument("--latency-repeats", type=int, default=5, help="interleaved rounds (each a torch.utils.benchmark "
+                   "adaptive autorange per model); the median and quartiles over rounds are reported")
+    s.add_argument("--latency-min-time", type=float, default=0.2, help="seconds per model per round (autorange)")
+    s.add_argument("--latency-threads", type=int, default=None, help="torch threads while timing (default: "
+                   "torch's current count), pinned for the whole measurement and recorded")
+    s.add_argument("--flops-seq-len", default="padded", help="length the FLOPs budget is priced at: padded "
+                   "(--seq-len), avg (the calibration data's mean real length, as Kwon et al.'s code) or a number")
     s.add_argument("--lmeval-include", default=None, help="folder of local lm-eval task YAMLs (--task lmeval:NAME)")
     s.add_argument("--squad-split", default=None, help="SQuAD dev-article split, e.g. dev-articles:train=0-23,eval=24-47")
     s.add_argument("--num-beams", type=int, default=None, help="translation: beam size (default 1, greedy)")
@@ -183,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", default="results", help="results directory whose records with the same keys are "
                    "shown beside the ones computed now, differences flagged (default results/; 'none' to skip)")
     s.add_argument("--no-leaderboard", action="store_true", help="do not rebuild LEADERBOARD.md afterwards")
+    s.add_argument("--executor", default="serial", choices=("serial", "ray"), help="serial: this process (default); "
+                   "ray: the dense row and each run as Ray tasks, methods in parallel (pip install 'tshrink[ray]')")
+    s.add_argument("--address", default=None, help="Ray cluster: auto (a running local cluster) or HOST:PORT "
+                   "(default: start a local Ray instance)")
+    s.add_argument("--gpus-per-run", type=float, default=0, help="GPUs each Ray task needs (runs then use --device cuda)")
+    s.add_argument("--cpus-per-run", type=float, default=1, help="CPUs each Ray task needs (and its torch threads)")
     common(s)
     s.set_defaults(func=cmd_compare)
 

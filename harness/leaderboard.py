@@ -49,6 +49,33 @@ def _metric_name(recs: list[dict[str, Any]]) -> str:
     return (dense or recs)[0]["main_metric"]
 
 
+def speedup_cell(lat: dict[str, Any], *, batch: int = 0) -> str:
+    """One batch size's speed-up with its spread, or the reason it is not shown as a result:
+    "noise" above the FLOPs bound (1 / FLOPs kept), "unverified" for records timed before the
+    interleaved protocol (one median of 5, possibly minutes apart)."""
+    if not lat.get("speedup"):
+        return "-"
+    if "batches" not in lat:
+        return f"{lat['speedup']:.2f}x unverified"
+    if batch >= len(lat["batches"]):
+        return "-"
+    row = lat["batches"][batch]
+    if row.get("flag") == "noise":
+        return f"noise ({row['speedup']:.2f}x > 1/{lat['flops_kept_bound']:.2f})"
+    return f"{row['speedup']:.2f}x [{row['speedup_q25']:.2f}-{row['speedup_q75']:.2f}]"
+
+
+def fidelity_cell(rec: dict[str, Any]) -> str:
+    """'as published', the deviations from the authors' code, 'n/a' where a stage recorded
+    that there is no published setting, '-' where no stage recorded anything."""
+    fid = rec.get("prune", {}).get("stages", {}).get("fidelity")
+    if not fid:
+        return "-"
+    if fid.get("as_published") is None:
+        return "n/a (no published setting)"
+    return "as published" if fid["as_published"] else "; ".join(fid["deviations"])
+
+
 def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     """Markdown for one group of records: heading, summary table, detail table, notes."""
     from tabulate import tabulate
@@ -81,25 +108,41 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     lines += [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
               f"Cells: `{main}` at each kept-FLOPs budget. {R.FLOPS_NOTE}.", ""]
     metrics = sorted({k for r in recs for k in r["metrics"]})
+    ran = [r for r in recs if not R.failed(r)]  # failure records have no figures
+    priced = sorted({r["flops"]["priced_seq_len"] for r in ran if r["flops"].get("priced_seq_len") not in
+                     (None, settings["seq_len"])})
+    n_lat = max((len(r["latency"].get("batches", [None])) for r in ran), default=1)
+    lat_sizes = next((([b["batch_size"] for b in r["latency"]["batches"]]) for r in ran
+                      if len(r["latency"].get("batches", [])) == n_lat), [lat.get("batch_size", "-")])
     detail = []
     for r in recs:
         if R.failed(r):
-            detail.append([r["method"], f"{r['budget']:g}", f"FAILED at {r['failure']['stage']}", "-"]
-                          + ["-" for _ in metrics] + ["-"] * 5 + [str(r["seed"]), split])
+            blanks = (1 if priced else 0) + 1 + len(metrics) + n_lat + 4
+            detail.append([r["method"], f"{r['budget']:g}", f"FAILED at {r['failure']['stage']}"]
+                          + ["-"] * blanks + [str(r["seed"]), "-", split])
             continue
         size = r.get("size", {})
-        detail.append([r["method"], f"{r['budget']:g}", _num(r["flops"].get("kept")), f"{r['params'] / 1e6:.2f}M"]
+        detail.append([r["method"], f"{r['budget']:g}", _num(r["flops"].get("kept"))]
+                      + ([_num(r["flops"].get("analytic_kept"))] if priced else [])
+                      + [f"{r['params'] / 1e6:.2f}M"]
                       + [_num(r["metrics"].get(k)) for k in metrics]
-                      + [f"{r['latency']['speedup']:.2f}x" if r["latency"].get("speedup") else "-",
-                         _num(size.get("bits_per_weight")), _num(size.get("bytes", 0) / 1e6),
+                      + [speedup_cell(r["latency"], batch=i) for i in range(n_lat)]
+                      + [_num(size.get("bits_per_weight")), _num(size.get("bytes", 0) / 1e6),
                          f"{size['compression_ratio']:.2f}x" if size.get("compression_ratio") else "-",
-                         f"{r['prune']['time_s']:.1f}", str(r["seed"]), split])
-    headers = (["method", "budget", "FLOPs kept", "params"] + metrics
-               + ["speed-up", "bits/weight", "size MB", "ratio", "prune s", "seed", "eval split"])
+                         f"{r['prune']['time_s']:.1f}", str(r["seed"]), fidelity_cell(r), split])
+    headers = ([f"method", "budget", f"FLOPs kept @{settings['seq_len']}"]
+               + ([f"FLOPs kept @{'/'.join(map(str, priced))} (priced)"] if priced else []) + ["params"] + metrics
+               + [f"speed-up b{b}" for b in lat_sizes]
+               + ["bits/weight", "size MB", "ratio", "prune s", "seed", "vs authors' code", "eval split"])
     lines += [tabulate(detail, headers=headers, tablefmt="github", disable_numparse=True), "",
-              f"{R.FLOPS_NOTE}. Speed-up: dense / pruned median forward latency, measured in the same run "
-              f"(batch {lat.get('batch_size', '-')} x {lat.get('seq_len', '-')} tokens, median of "
-              f"{lat.get('repeats', '-')} after {lat.get('warmup', '-')} warm-up passes, {settings['device']}). "
+              f"{R.FLOPS_NOTE}; 'FLOPs kept @N' is at N tokens per sequence (priced: the length the budget "
+              f"was priced at, --flops-seq-len). Speed-up bB: dense / pruned forward latency at batch B x "
+              f"{lat.get('seq_len', '-')} tokens, median [quartiles] of the per-round ratios, dense and pruned "
+              f"timed interleaved in one process ({lat.get('repeats', '-')} rounds after {lat.get('warmup', '-')} "
+              f"warm-up passes, {settings['device']}); 'noise': above 1 / FLOPs kept, which removing FLOPs "
+              "cannot give, so it is not a result; 'unverified': timed before this protocol. "
+              "vs authors' code: the settings that differ from the method authors' public code "
+              "(as recorded by its stages). "
               f"{R.SIZE_NOTE}. prune s: what one prune at that budget alone costs; `harness compare` "
               "scores each method once and reuses the scores for its other budgets, and counts that "
               "score time in every row.", ""]

@@ -209,3 +209,43 @@ def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, 
     save_pruned(net.to("cpu"), output, tokenizer=tok, info={"report": report}, compressed=result.compressed,
                 files={"report.json": report}, overwrite=overwrite)
     return report
+
+
+def parse_pricing(value: Any) -> str | int:
+    """``--flops-seq-len``: "padded", "avg" or a positive number of tokens; ValueError naming the value."""
+    text = str(value).strip().lower()
+    if text in ("padded", "avg"):
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--flops-seq-len {value!r} is not 'avg' (the calibration data's mean length), 'padded' "
+                         f"(--seq-len) or a positive number of tokens")
+    return n
+
+
+def pricing_length(pricing: str | int, seq_len: int, calib: Any, make_calib: Any = None) -> tuple[int, str]:
+    """(tokens, description) the FLOPs budget is priced at. "avg": the mean number of real
+    (non-padding) tokens per calibration example, rounded (``make_calib()`` builds the
+    calibration data when no method needed any)."""
+    if pricing == "padded":
+        return seq_len, f"padded ({seq_len})"
+    if pricing == "avg":
+        data = calib if calib is not None else make_calib()
+        mean = data.n_tokens / data.n_examples
+        return max(1, round(mean)), f"avg ({mean:.2f} real tokens per calibration example)"
+    return int(pricing), f"{int(pricing)} tokens"
+
+
+def analytic_kept(dense: Any, pruned: Any, seq_len: int) -> float | None:
+    """Kept fraction of the transformer layers' MACs at ``seq_len`` (analytic cost model)."""
+    from tshrink.arch.families import get_adapter
+    from tshrink.cost import CostModel
+
+    try:
+        cost = CostModel(get_adapter(dense), seq_len)
+        return cost.macs(get_adapter(pruned).widths()) / cost.macs()
+    except ValueError:
+        return None

@@ -38,6 +38,8 @@ class PruneContext:
     pm: pluggy.PluginManager
     progress: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    #: objects a stage hands to a later stage of the same prune (e.g. a teacher mask); not recorded
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A seeded CPU generator (stages draw their randomness from it)."""
@@ -123,6 +125,8 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     timings: dict[str, float] = {}
     start = time.perf_counter()
     selection = None
+    # a select stage priced in FLOPs is checked here; one with its own budget (latency) checks itself
+    flops_budget = recipe.prunes and registry.stage("select", recipe.select).budget == "flops"
     if recipe.prunes:
         t = time.perf_counter()
         if scores is None:
@@ -134,13 +138,15 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         t = time.perf_counter()
         selection = _call(hook.tshrink_select, "select", recipe.select, ctx=ctx, scores=scores, options=opts)
         selection.check(*counts)
-        _check_budget(ctx, selection, f"select stage {recipe.select!r}")
+        if flops_budget:
+            _check_budget(ctx, selection, f"select stage {recipe.select!r}")
         timings[f"select:{recipe.select}"] = time.perf_counter() - t
         for name in recipe.refine:
             t = time.perf_counter()
             selection = _call(hook.tshrink_refine, "refine", name, ctx=ctx, scores=scores, selection=selection, options=opts)
             selection.check(*counts)
-            _check_budget(ctx, selection, f"refine stage {name!r}")
+            if flops_budget:
+                _check_budget(ctx, selection, f"refine stage {name!r}")
             timings[f"refine:{name}"] = time.perf_counter() - t
         for name in recipe.correct:
             t = time.perf_counter()

@@ -55,10 +55,15 @@ class StageSpec:
     needs_labels: bool = False
     options: tuple[Option, ...] = ()
     paper: str | None = None
+    #: select stages: what the budget is a fraction of. "flops": the host checks the selection
+    #: against the FLOPs budget; "latency": the stage meets (and checks) a latency budget itself
+    budget: str = "flops"
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"stage {self.name!r}: kind {self.kind!r} is not one of {STAGE_KINDS}")
+        if self.budget not in ("flops", "latency"):
+            raise ValueError(f"stage {self.name!r}: budget {self.budget!r} is not 'flops' or 'latency'")
 
 
 @dataclass(frozen=True)

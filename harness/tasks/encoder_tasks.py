@@ -84,11 +84,14 @@ class GlueTask(Task):
 
         from .glue import encode_glue
 
-        chosen = self._sample_train(samples, seed)
+        # as Kwon et al.'s public code: `samples` training examples drawn WITH replacement, dynamic padding
+        if not self._train:
+            raise ValueError(f"task {self.name!r}: no training examples were loaded")
+        chosen = random.Random(seed).choices(self._train, k=samples)
         batches = [encode_glue(chosen[i:i + batch_size], tokenizer, max_length=seq_len)
                    for i in range(0, len(chosen), batch_size)]
-        return CalibrationData(batches, source=f"glue/{self.train_task}:train (random {len(chosen)}, seed {seed})",
-                               meta={"kind": "glue", "labelled": True})
+        return CalibrationData(batches, source=f"glue/{self.train_task}:train ({len(chosen)} drawn with replacement, "
+                               f"seed {seed})", meta={"kind": "glue", "labelled": True, "sampling": "with replacement"})
 
     def evaluate(self, model: Any, tokenizer: Any, *, device: str, limit: int | None, seq_len: int,
                  batch_size: int) -> EvalResult:
@@ -256,7 +259,8 @@ def _register() -> None:
         register(GlueTask(
             name, "glue", "encoder", "sequence-classification", spec.metrics, main,
             description=f"GLUE {spec.folder} ({'regression' if spec.is_regression else 'classification'})",
-            seq_len=128, calib_samples=256, labelled_calibration=True, finetunable=True, num_labels=spec.num_labels,
+            # calibration: 2048 examples drawn with replacement, the setting of Kwon et al.'s public code
+            seq_len=128, calib_samples=2048, labelled_calibration=True, finetunable=True, num_labels=spec.num_labels,
             aliases=aliases, train_task=train, eval_split=split,
             data_layout=(f"<data>/{spec.folder}/{{train,{spec.splits[split]}}}.tsv (official GLUE TSV) or "
                          f"*.hf.tsv (Hugging Face export), also under <data>/glue/")))

@@ -8,12 +8,15 @@ differentiated w.r.t. the masks only, giving ``g_b = dL_b / dm`` at ``m = 1``. T
 empirical Fisher diagonal ``sum_b g_b ** 2`` (``fisher_math.fisher_importance``) is a unit's
 importance; the per-batch vectors drive the rearrangement (``rearrange.py``).
 
-Gradient granularity (``grad_batch_size``): 0 uses the calibration batches as given (the
-public code's default: mini-batches of 32 sentences, 64 batches for its 2,048 examples);
-``n > 0`` splits every calibration batch into chunks of at most ``n`` examples; 1 gives
-per-example gradients, the exact empirical Fisher of the paper's formula, at the price of
-one forward/backward per example. Note the loss is a mean over its chunk, so the Fisher
-values of different granularities differ in scale (rankings are what the search uses).
+Gradient granularity (``grad_batch_size``): 0 uses the calibration batches as given;
+``n > 0`` regroups the calibration examples, in order, into mini-batches of ``n`` (the
+last one may be smaller), whatever the calibration batch size: one gradient row per
+mini-batch. The public code takes 2,048 examples in mini-batches of 32 (12 for SQuAD),
+i.e. 64 rows; ``n = 1`` gives per-example (per-window) gradients, the exact empirical
+Fisher of the paper's formula, at one forward/backward per example (what decoders need:
+32 windows in batches of 8 would give a Fisher matrix of rank <= 4). The loss is a mean
+over its mini-batch, so Fisher values of different granularities differ in scale
+(rankings are what the search uses).
 
 The model is left as it was: parameters are frozen during the passes (no weight gradients
 are computed or stored) and their ``requires_grad`` flags are restored; the mask hooks are
@@ -31,14 +34,51 @@ from tshrink.calibration import Batch, CalibrationData, model_inputs, to_device
 from tshrink.masking import soft_masks
 
 
-def _chunks(batch: Batch, size: int) -> Iterator[Batch]:
-    """``batch`` split along its first dimension into pieces of at most ``size`` rows (0: whole)."""
-    rows = int(batch["input_ids"].shape[0])
-    if size <= 0 or size >= rows:
-        yield batch
+def _pad_to(x: Tensor, seq: int, value: int) -> Tensor:
+    """``x`` (batch, s, ...) right-padded with ``value`` to (batch, seq, ...)."""
+    if x.shape[1] == seq:
+        return x
+    pad = x.new_full((x.shape[0], seq - x.shape[1], *x.shape[2:]), value)
+    return torch.cat([x, pad], 1)
+
+
+def _merge(parts: list[Batch]) -> Batch:
+    """Concatenate batches along the examples; per-token tensors are right-padded to the
+    longest (attention mask 0, per-token labels -100), per-example ones just stacked."""
+    if len(parts) == 1:
+        return parts[0]
+    seq = max(int(p["input_ids"].shape[1]) for p in parts)
+    out: Batch = {}
+    for key in parts[0]:
+        per_token = all(p[key].ndim >= 2 and p[key].shape[:2] == p["input_ids"].shape[:2] for p in parts)
+        if per_token:
+            fill = -100 if key == "labels" else 0
+            out[key] = torch.cat([_pad_to(p[key], seq, fill) for p in parts])
+        else:
+            out[key] = torch.cat([p[key] for p in parts])
+    return out
+
+
+def regroup(batches: list[Batch], size: int) -> Iterator[Batch]:
+    """The examples of ``batches``, in order, in mini-batches of ``size`` (the last may be
+    smaller); ``size`` 0: the batches as given."""
+    if size <= 0:
+        yield from batches
         return
-    for start in range(0, rows, size):
-        yield {k: v[start:start + size] for k, v in batch.items()}
+    pending: list[Batch] = []
+    have = 0
+    for batch in batches:
+        rows = int(batch["input_ids"].shape[0])
+        start = 0
+        while start < rows:
+            take = min(size - have, rows - start)
+            pending.append({k: v[start:start + take] for k, v in batch.items()})
+            have, start = have + take, start + take
+            if have == size:
+                yield _merge(pending)
+                pending, have = [], 0
+    if pending:
+        yield _merge(pending)
 
 
 def collect_mask_grads(
@@ -55,8 +95,8 @@ def collect_mask_grads(
     the module docstring for ``grad_batch_size``). Every batch must carry ``labels``.
     """
     if not isinstance(grad_batch_size, int) or grad_batch_size < 0:
-        raise ValueError(f"fisher_grad_batch_size must be an integer >= 0 (0 = the calibration batches "
-                         f"as given, 1 = per example), got {grad_batch_size!r}")
+        raise ValueError(f"fisher_grad_batch_size must be 'auto' or an integer >= 0 (0 = the calibration "
+                         f"batches as given, 1 = per example), got {grad_batch_size!r}")
     model = adapter.model
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     # masks at 1, one per unit: (units_l,) and (neurons_l,)
@@ -75,19 +115,19 @@ def collect_mask_grads(
                     raise ValueError(f"calibration batch {index} from {calib.source!r} has no 'labels': "
                                      "Fisher scores need the task loss (class ids, regression targets or "
                                      "next-token ids)")
-                for chunk in _chunks(batch, grad_batch_size):
-                    out = model(**model_inputs(to_device(chunk, dev), labels=True))
-                    loss = getattr(out, "loss", None)
-                    if loss is None:
-                        raise ValueError(f"{type(model).__name__} returned no loss for calibration batch "
-                                         f"{index}; give a model with a task head (classification, LM)")
-                    if not torch.isfinite(loss):  # e.g. windows of one token: no next-token target at all
-                        raise ValueError(f"the task loss of calibration batch {index} from {calib.source!r} is "
-                                         f"{loss.item()}: no usable targets (a causal LM needs windows of at least "
-                                         f"2 tokens); Fisher scores need a finite loss")
-                    grads = torch.autograd.grad(loss, masks, allow_unused=True)
-                    for row, g, m in zip(rows, grads, masks):
-                        row.append((torch.zeros_like(m) if g is None else g).detach().float().cpu())
+            for index, chunk in enumerate(regroup(calib.batches, grad_batch_size)):
+                out = model(**model_inputs(to_device(chunk, dev), labels=True))
+                loss = getattr(out, "loss", None)
+                if loss is None:
+                    raise ValueError(f"{type(model).__name__} returned no loss for gradient mini-batch "
+                                     f"{index}; give a model with a task head (classification, LM)")
+                if not torch.isfinite(loss):  # e.g. windows of one token: no next-token target at all
+                    raise ValueError(f"the task loss of gradient mini-batch {index} from {calib.source!r} is "
+                                     f"{loss.item()}: no usable targets (a causal LM needs windows of at least "
+                                     f"2 tokens); Fisher scores need a finite loss")
+                grads = torch.autograd.grad(loss, masks, allow_unused=True)
+                for row, g, m in zip(rows, grads, masks):
+                    row.append((torch.zeros_like(m) if g is None else g).detach().float().cpu())
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)

@@ -17,8 +17,16 @@ from tshrink.spec import MethodSpec, Option, Recipe, StageSpec
 PAPER = "Kwon et al., A Fast Post-Training Pruning Framework for Transformers, NeurIPS 2022"
 GRAD_KEYS = ("fisher_head_grads", "fisher_neuron_grads")  # scores.extra: per layer (batches, units_l)
 
-GRAD_BATCH = Option("fisher_grad_batch_size", 0, "examples per mask-gradient mini-batch: 0 = the calibration "
-                    "batches as given (the public code: 32), 1 = per example (exact empirical Fisher, slower)")
+GRAD_BATCH = Option("fisher_grad_batch_size", "auto", "examples per mask-gradient mini-batch (examples are "
+                    "regrouped, whatever --batch-size): auto = the public code's 32 for classification, 12 for "
+                    "QA, and 1 (per window) for decoders so the Fisher matrix gets one row per window; 0 = the "
+                    "calibration batches as given")
+TEACHER = Option("fisher_tune_teacher", "search-sqrt", "mask tuning's teacher: search-sqrt = the search's mask at "
+                 "budget sqrt(c), as the public code that produced the published numbers; dense = the unpruned "
+                 "model, as the paper's text", choices=("search-sqrt", "dense"))
+CLS_ONLY = Option("fisher_tune_cls_only", "auto", "match only the [CLS] token in the last layer's MLP tuning: "
+                  "auto = yes for sequence classification on BERT-style encoders (the public code), no otherwise",
+                  choices=("auto", "yes", "no"))
 DAMP = Option("fisher_damp", 1e-2, "mask tuning: relative damping towards scale 1 (lam = damp^2 x mean squared "
               "norm of a unit's contribution); 0 = plain least squares")
 BOUND = Option("fisher_scale_bound", 10.0, "mask tuning: a sub-layer whose scales leave [-b, b] keeps its 0/1 "
@@ -36,7 +44,8 @@ def tshrink_stages() -> list[StageSpec]:
         StageSpec("refine", "fisher-rearrange", "per layer, greedy swap of kept/pruned units with the layer's "
                   "Fisher block (needs the 'fisher' score stage)", paper=PAPER),
         StageSpec("correct", "fisher-tune", "layer-wise least-squares scales of the kept units, folded into the "
-                  "output projections", needs_calibration=True, options=(DAMP, BOUND), paper=PAPER),
+                  "output projections", needs_calibration=True, options=(DAMP, BOUND, TEACHER, CLS_ONLY),
+                  paper=PAPER),
     ]
 
 
@@ -56,6 +65,37 @@ def tshrink_methods() -> list[MethodSpec]:
     ]
 
 
+def grad_batch_size(raw: Any, kind: str) -> int:
+    """The mini-batch size of ``fisher_grad_batch_size`` for a task kind (see its help)."""
+    from . import published
+
+    if raw == "auto":
+        return 1 if kind == "causal" else published.GRAD_BATCH[kind]
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = -1
+    if value < 0 or isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError(f"fisher_grad_batch_size must be 'auto' or an integer >= 0 (0 = the calibration "
+                         f"batches as given, 1 = per example), got {raw!r}")
+    return value
+
+
+def _pricing(ctx: Any) -> dict[str, Any]:
+    """The cost model's length and the calibration data's mean real length (for the record)."""
+    calib = ctx.calib
+    avg = calib.n_tokens / calib.n_examples if calib is not None else None
+    return {"pricing_len": ctx.cost.seq_len, **({"avg_len": round(avg, 2)} if avg is not None else {})}
+
+
+def _teacher(ctx: Any, search: Any) -> None:
+    """Hand the mask-tuning teacher (the same search at budget sqrt(c), as the public code) to
+    ``fisher-tune`` through ``ctx.scratch``."""
+    import math
+
+    ctx.scratch["fisher_teacher"] = search(math.sqrt(ctx.budget))
+
+
 @hookimpl
 def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     if name != "fisher":
@@ -65,10 +105,16 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     from .collect import collect_mask_grads
     from .fisher_math import fisher_importance
 
-    head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device,
-                                                  grad_batch_size=options["fisher_grad_batch_size"])
+    from . import published
+
+    kind = published.task_kind(ctx.model, ctx.adapter.causal)
+    size = grad_batch_size(options["fisher_grad_batch_size"], kind)
+    head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device, grad_batch_size=size)
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
-                            "grad_batch_size": options["fisher_grad_batch_size"]}
+                            "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"]}
+    published.record(ctx.report, kind, {"calibration_examples": ctx.calib.n_examples,
+                                        "sampling": ctx.calib.meta.get("sampling", "without replacement"),
+                                        "grad_batch_size": size})
     return UnitScores([fisher_importance(g) for g in head_grads], [fisher_importance(g) for g in neuron_grads],
                       extra=dict(zip(GRAD_KEYS, (head_grads, neuron_grads))))
 
@@ -81,13 +127,22 @@ def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) ->
 
     from .search import search_mask
 
+    from . import published
+
     cost = ctx.cost
-    # the search sees only what the units cost: width-independent costs come off the budget first
-    allowed = max(cost.budget_macs(ctx.budget) - sum(c.fixed for c in cost.layers), 0.0)
-    head_mask, neuron_mask = search_mask([s.double() for s in scores.heads], [s.double() for s in scores.neurons],
-                                         [c.head for c in cost.layers], [c.neuron for c in cost.layers], allowed)
-    sel = Selection.from_masks(head_mask, neuron_mask)
-    ctx.report["fisher-search"] = {"heads_kept": sum(map(len, sel.heads)), "neurons_kept": sum(map(len, sel.neurons))}
+
+    def search(budget: float) -> Selection:
+        # the search sees only what the units cost: width-independent costs come off the budget first
+        allowed = max(cost.budget_macs(budget) - sum(c.fixed for c in cost.layers), 0.0)
+        masks = search_mask([s.double() for s in scores.heads], [s.double() for s in scores.neurons],
+                            [c.head for c in cost.layers], [c.neuron for c in cost.layers], allowed)
+        return Selection.from_masks(*masks)
+
+    sel = search(ctx.budget)
+    _teacher(ctx, search)
+    ctx.report["fisher-search"] = {"heads_kept": sum(map(len, sel.heads)), "neurons_kept": sum(map(len, sel.neurons)),
+                                   "priced_at_seq_len": cost.seq_len}
+    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal), _pricing(ctx))
     return sel
 
 
@@ -98,13 +153,14 @@ def tshrink_refine(name: str, ctx: Any, scores: Any, selection: Any, options: di
     from tshrink.units import Selection
 
     from .fisher_math import fisher_loss_increase
-    from .rearrange import rearrange_mask
+    from .rearrange import heldout_loss, rearrange_mask
 
     if any(k not in scores.extra for k in GRAD_KEYS):
         raise ValueError("refine stage 'fisher-rearrange' needs the per-batch mask gradients of the 'fisher' score "
                          f"stage (scores.extra keys {list(GRAD_KEYS)}); the scores given have {sorted(scores.extra)}")
     counts = (ctx.adapter.head_counts(), ctx.adapter.neuron_counts())
     new, before, after = [], 0.0, 0.0
+    inside, held, rows = 0.0, 0.0, None
     for key, masks in zip(GRAD_KEYS, selection.masks(*counts)):
         out = []
         for grads, mask in zip(scores.extra[key], masks):
@@ -113,11 +169,22 @@ def tshrink_refine(name: str, ctx: Any, scores: Any, selection: Any, options: di
             before += float(fisher_loss_increase(keep, grads))
             after += float(fisher_loss_increase(moved, grads))
             out.append(moved)
+            cv = heldout_loss(grads, int(keep.sum()))
+            rows = int(grads.shape[0])
+            if cv is not None:
+                inside, held = inside + cv[0], held + cv[1]
         new.append(out)
     sel = Selection.from_masks(*new)
     changed = sum(len(set(a) - set(b)) for a, b in zip(sel.heads + sel.neurons, selection.heads + selection.neurons))
-    ctx.report["fisher-rearrange"] = {"units_swapped": changed, "fisher_loss_before": before,
-                                      "fisher_loss_after": after}
+    enough = rows is not None and rows >= 2
+    ctx.report["fisher-rearrange"] = {
+        "units_swapped": changed, "fisher_loss_before": before, "fisher_loss_after": after,
+        "gradient_rows": rows,
+        # 2-fold cross-fit over the gradient rows, per row: the selection's Fisher loss on rows
+        # it was chosen from vs on rows it was not (see rearrange.heldout_loss)
+        "fisher_loss_per_row_in_sample": inside if enough else None,
+        "fisher_loss_per_row_held_out": held if enough else None,
+    }
     return sel
 
 
@@ -127,17 +194,40 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
         return None
     from .tune_model import fold_scales, tune_masks
 
+    from . import published
+    from .tune_model import CLS_FAMILIES
+
     bound = float(options["fisher_scale_bound"])
     if not bound >= 1.0:
         raise ValueError(f"fisher_scale_bound must be >= 1 (scale 1, the untuned mask, must be allowed), got {bound!r}")
+    kind = published.task_kind(ctx.model, ctx.adapter.causal)
+    teacher = None
+    if options["fisher_tune_teacher"] == "search-sqrt":
+        teacher = ctx.scratch.get("fisher_teacher")
+        if teacher is None:
+            raise ValueError("fisher_tune_teacher='search-sqrt' needs the teacher mask of the select stage "
+                             "'fisher-search' or 'fisher-latency'; with another select stage use "
+                             "--opt fisher_tune_teacher=dense")
+    cls_family = ctx.adapter.family in CLS_FAMILIES
+    seq_cls = kind == "classification" and type(ctx.model).__name__.endswith("ForSequenceClassification")
+    cls_only = {"auto": seq_cls and cls_family, "yes": True, "no": False}[options["fisher_tune_cls_only"]]
+    if cls_only and not (seq_cls and cls_family):
+        raise ValueError(f"fisher_tune_cls_only='yes' needs a sequence classifier of a family that pools the first "
+                         f"token ({sorted(CLS_FAMILIES)}); got {type(ctx.model).__name__}: use 'auto' or 'no'")
     result = tune_masks(ctx.adapter, ctx.calib, selection, damp=float(options["fisher_damp"]),
-                        bounds=(-bound, bound), device=ctx.device)
+                        bounds=(-bound, bound), device=ctx.device, teacher=teacher, cls_only=cls_only)
     fold_scales(ctx.adapter, selection, result.heads, result.neurons)
     n = max(len(result.stats), 1)
     ctx.report["fisher-tune"] = {
         "sublayers": len(result.stats), "rejected": result.rejected,
         "mean_rel_error_before": sum(s["rel_error_before"] for s in result.stats) / n,
         "mean_rel_error_after": sum(s["rel_error_after"] for s in result.stats) / n,
+        "teacher": options["fisher_tune_teacher"], "cls_only": cls_only,
+        "teacher_widths": teacher.widths() if teacher is not None else None,
         "per_sublayer": result.stats,
     }
+    used = {"teacher": options["fisher_tune_teacher"]}
+    if kind == "classification":
+        used["cls_only"] = cls_only
+    published.record(ctx.report, kind, used)
     return selection

@@ -69,3 +69,33 @@ def rearrange_mask(mask: Tensor, grads: Tensor) -> Tensor:
     new_keep = torch.ones_like(keep)
     new_keep[pruned] = False
     return new_keep.to(device=mask.device, dtype=mask.dtype)
+
+
+def heldout_loss(grads: Tensor, n_kept: int, folds: int = 2) -> tuple[float, float] | None:
+    """Fisher loss of a layer's selection on gradient rows it was NOT chosen from.
+
+    The rows of ``grads`` (batches, U) are split into ``folds`` interleaved parts. For each
+    part, the ``n_kept`` units of largest Fisher importance on the OTHER rows are kept,
+    rearranged on those rows, and the Fisher loss estimate of that mask is taken per row on
+    the other rows (in-sample) and on the part's rows (held out). Returns the two per-row
+    means ``(in_sample, held_out)``, or None with fewer than ``folds`` rows. A held-out
+    loss well above the in-sample one means the Fisher matrix has too few rows for the
+    rearrangement to generalise.
+    """
+    from tshrink_plugins.fisher.fisher_math import fisher_loss_increase
+
+    _check_grads(grads)
+    rows, units = grads.shape
+    if rows < folds or folds < 2:
+        return None
+    inside = held = 0.0
+    for k in range(folds):
+        test = torch.arange(k, rows, folds)
+        train = torch.tensor([i for i in range(rows) if i % folds != k])
+        g_train, g_test = grads[train], grads[test]
+        keep = torch.zeros(units, dtype=torch.bool)
+        keep[torch.sort(g_train.double().pow(2).sum(0), descending=True, stable=True).indices[:n_kept]] = True
+        keep = rearrange_mask(keep, g_train)
+        inside += float(fisher_loss_increase(keep, g_train)) / len(train)
+        held += float(fisher_loss_increase(keep, g_test)) / len(test)
+    return inside / folds, held / folds

@@ -26,15 +26,21 @@ the MLP residual is the MLP's input for the post-norm encoders (BERT, DistilBERT
 
 Order (as in the public code): layer by layer; within a layer the attention scales are
 solved first, then the MLP's on student activations that already use them; then the
-student advances one layer with its tuned masks, the teacher with the dense weights.
+student advances one layer with its tuned masks, the teacher with its own (dense: none).
 
-Differences from the public code, on purpose: the teacher is the unpruned model (the issue
-and the paper; the public code's teacher is the search's mask at the intermediate budget
-``sqrt(budget)``); the first layer's attention is tuned too (the public code skips it); a
-rejected sub-layer keeps its 0/1 mask and tuning goes on with the next one (the public
-code stops tuning altogether); the damping is relative (see ``tuning.py``); every token is
-matched in the last layer (the public code matches only [CLS] there for classification);
-no free constant column is added to the attention problem.
+Teacher (``teacher``): ``None`` is the unpruned model (the paper's text); a selection is
+applied to the teacher as 0/1 masks. The public code's teacher, which produced the
+published numbers, is the search's mask at the intermediate budget ``sqrt(budget)`` (not
+rearranged); the plugin's select stages hand it over (``fisher_tune_teacher``).
+
+CLS only (``cls_only``): for sequence classification the public code matches only the
+first ([CLS]) token in the LAST layer's MLP problem (what the pooler and classifier read);
+every other sub-layer is matched over all real tokens.
+
+Differences from the public code, on purpose: the first layer's attention is tuned too
+(the public code skips it); a rejected sub-layer keeps its 0/1 mask and tuning goes on
+with the next one (the public code stops tuning altogether); the damping is relative (see
+``tuning.py``); no free constant column is added to the attention problem.
 
 ``tune_masks`` only reads the model (masks via hooks); ``fold_scales`` writes the tuned
 scales into the output-projection / down-projection columns of the kept units, after which
@@ -57,6 +63,8 @@ from .tuning import BOUNDS, DAMP, tune_scales_gram
 
 #: where the MLP's residual is, per adapter family (see the module docstring)
 MLP_RESIDUAL = {"bert": "mlp_input", "distilbert": "mlp_input", "llama": "output_minus_mlp"}
+#: families whose sequence classifier reads the first token (pooler / [CLS]): cls_only applies
+CLS_FAMILIES = frozenset({"bert", "distilbert"})
 CHUNK_ELEMENTS = 1 << 24  # bound on (units x tokens x hidden) per attention contribution block
 
 
@@ -144,19 +152,33 @@ def tune_masks(
     damp: float = DAMP,
     bounds: tuple[float, float] = BOUNDS,
     device: torch.device | str | None = None,
+    teacher: Selection | None = None,
+    cls_only: bool = False,
 ) -> TuneResult:
-    """Tuned real masks for ``selection`` (see the module docstring); the model is not changed."""
+    """Tuned real masks for ``selection`` (see the module docstring); the model is not changed.
+
+    ``teacher``: the selection the teacher runs with (0/1 masks), ``None`` = dense.
+    ``cls_only``: match only the first token in the last layer's MLP (post-norm encoders)."""
     if adapter.family not in MLP_RESIDUAL:
         raise ValueError(f"mask tuning knows the residual layout of the families {sorted(MLP_RESIDUAL)}, "
                          f"not {adapter.family!r}")
     counts = (adapter.head_counts(), adapter.neuron_counts())
     selection.check(*counts)
     pre_norm = MLP_RESIDUAL[adapter.family] == "output_minus_mlp"
+    if cls_only and adapter.family not in CLS_FAMILIES:
+        raise ValueError(f"cls_only tuning matches the first token, which the {adapter.family!r} family does not "
+                         f"pool; it applies to {sorted(CLS_FAMILIES)}")
     hm, nm = selection.masks(*counts)  # 0/1 float32, per layer
     dev = torch.device(device) if device is not None else next(adapter.model.parameters()).device
     masks_dev = [m.to(dev) for m in hm + nm]  # read by the hooks at every forward; edited in place
     heads, neurons = masks_dev[: len(hm)], masks_dev[len(hm):]
-    teacher = LayerStream(adapter, calib, device=dev)
+    if teacher is not None:
+        teacher.check(*counts)
+        thm, tnm = teacher.masks(*counts)
+        t_masks = ([m.to(dev) for m in thm], [m.to(dev) for m in tnm])
+    else:
+        t_masks = (None, None)  # dense teacher: no hook at all
+    teacher = LayerStream(adapter, calib, device=dev)  # from here on, the teacher's stream
     student = LayerStream(adapter, calib, device=dev)
     stats: list[dict[str, Any]] = []
     for layer in range(adapter.num_layers):
@@ -166,16 +188,27 @@ def tune_masks(
         t_attn: list[Tensor] = []
         t_mlp: list[Tensor] = []
         grab: dict[str, Tensor] = {}
-        put = lambda key: (lambda x, tm: grab.__setitem__(key, _real(x, tm)))  # noqa: E731
+        # CLS only: the last layer's MLP problem sees the first token of each sequence only
+        cls_layer = cls_only and layer == adapter.num_layers - 1
+        mlp_keys = ("down", "mlp_in", "h")
+
+        def pick(key: str, tm: Tensor) -> Tensor:
+            if cls_layer and key in mlp_keys:
+                first = torch.zeros_like(tm)
+                first[:, 0] = tm[:, 0]
+                return first
+            return tm
+
+        put = lambda key: (lambda x, tm: grab.__setitem__(key, _real(x, pick(key, tm))))  # noqa: E731
 
         def teacher_batch(out: Tensor, i: int) -> None:
             tm = teacher.token_masks[i]
             t_attn.append(_minus_bias(grab["o"] + _real(teacher.hidden[i].to(out.device), tm), attn.o).cpu())
-            total = _real(out, tm) if pre_norm else grab["down"] + grab["mlp_in"]
+            total = _real(out, pick("down", tm)) if pre_norm else grab["down"] + grab["mlp_in"]
             t_mlp.append(_minus_bias(total, mlp.out).cpu())
 
         with teacher.capture(attn.o, put("o"), output=True), teacher.capture(mlp.out, put("down"), output=True), \
-                teacher.capture(mlp.inputs[0], put("mlp_in")):
+                teacher.capture(mlp.inputs[0], put("mlp_in")), soft_masks(adapter, *t_masks):
             outs = teacher.run(teacher_batch)
         teacher.hidden, teacher.layer = outs, teacher.layer + 1  # == teacher.advance(), without a second pass
 
@@ -203,14 +236,15 @@ def tune_masks(
 
             def mlp_batch(out: Tensor, i: int) -> None:
                 tm = student.token_masks[i]
-                residual = _real(out, tm) - grab["down"] if pre_norm else grab["mlp_in"]
+                residual = _real(out, pick("down", tm)) - grab["down"] if pre_norm else grab["mlp_in"]
                 t = t_mlp[i].to(out.device) - residual
                 _neuron_normal(grab["h"], wk, wtw, kept_n.to(out.device), t, acc)
 
             with student.capture(mlp.out, put("h")), student.capture(mlp.out, put("down"), output=True), \
                     student.capture(mlp.inputs[0], put("mlp_in")), soft_masks(adapter, heads, neurons):
                 student.run(mlp_batch)
-            stats.append(_solve(acc, "mlp", layer, kept_n, neurons[layer], damp, bounds))
+            stats.append(_solve(acc, "mlp", layer, kept_n, neurons[layer], damp, bounds)
+                         | {"tokens": "first" if cls_layer else "all"})
         if layer + 1 < adapter.num_layers:
             with soft_masks(adapter, heads, neurons):
                 student.advance()
