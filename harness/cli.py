@@ -41,10 +41,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from tshrink.registry import Registry
 
     reg = Registry(get_plugin_manager(autoload=not args.no_autoload, block=args.block or ()))
+    rows, problems = reg.rows(), [p.row() for p in reg.problems]
     if args.json:
-        print(json.dumps(reg.rows(), indent=2))
+        print(json.dumps({"methods": rows, "problems": problems}, indent=2))
         return 0
-    print(tabulate(reg.rows(), headers="keys", tablefmt="github"))
+    table = [{k: (v + " *" if k == "method" and r["headline"] else v) for k, v in r.items() if k != "headline"}
+             for r in rows]
+    print(tabulate(table, headers="keys", tablefmt="github"))
+    print("\n* headline method: `harness compare` runs it when no --methods are given")
     if args.options:
         for name in sorted(reg.methods):
             opts = reg.options(reg.methods[name])
@@ -52,6 +56,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 print(f"\n{name}:")
                 for o in opts.values():
                     print(f"  --opt {o.name}={o.default!r}  {o.help}")
+    if problems:
+        print(f"\n{len(problems)} problem(s): these plugins or methods are not usable (the others are):")
+        print(tabulate(problems, headers="keys", tablefmt="github"))
     return 0
 
 

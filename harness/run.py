@@ -73,6 +73,7 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
 
     pm = pm or get_plugin_manager()
     reg = Registry(pm)
+    reg.warn_problems()  # plugins that failed to load or clash: one warning each, the rest runs
     specs = [reg.method(n) for n in split_methods(methods, reg)]  # "did you mean" on unknown names
     known = {name for spec in specs for name in reg.options(spec)}
     unknown = sorted(set(options) - known)
