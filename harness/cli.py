@@ -34,6 +34,16 @@ def _budgets(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+def _block(args: argparse.Namespace) -> None:
+    """--block NAME on prune / compare: the same as TSHRINK_BLOCK_PLUGINS=NAME for this run."""
+    import os
+
+    from tshrink.manager import ENV_BLOCK
+
+    if getattr(args, "block", None):
+        os.environ[ENV_BLOCK] = ",".join(filter(None, [os.environ.get(ENV_BLOCK, ""), *args.block]))
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -77,6 +87,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .run import prune_to_dir
 
+    _block(args)
     report = prune_to_dir(model=args.model, method=args.method, budget=_budgets(args.flops)[0],
                           output=args.output, options=_opts(args.opt), calib_samples=args.calib_samples,
                           seq_len=args.seq_len, data_dir=args.data_dir, device=args.device, seed=args.seed,
@@ -92,6 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
+    _block(args)
     budgets = _budgets(args.flops)
     compare(methods=args.methods, model=args.model, task=args.task, budgets=budgets, options=_opts(args.opt),
             calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
@@ -155,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-dir", default=None, help="local data directory (default $TSHRINK_DATA_DIR)")
         s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--block", action="append", metavar="NAME", help="plugin (entry-point) name not to load "
+                       "(e.g. a broken third-party plugin); repeatable; also TSHRINK_BLOCK_PLUGINS")
 
     s = sub.add_parser("prune", help="prune one model and write the checkpoint and a JSON report")
     s.add_argument("--method", required=True, help="method name or recipe 'score=..,select=..,correct=..'")

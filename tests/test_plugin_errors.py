@@ -217,3 +217,12 @@ def test_harness_plugins_lists_broken_entry_points(broken_entry_points, monkeypa
     assert main(["plugins", "--block", "typo"]) == 0
     out = capsys.readouterr().out
     assert "problem" not in out and "magnitude *" in out
+
+
+def test_builtins_report_progress_through_ctx_track(capsys):
+    model = tiny_model("llama", head="causal-lm")
+    prune(model, "stat", 0.6, calib=tiny_batches("llama"), progress=True)
+    err = capsys.readouterr().err
+    assert "score:stat layers" in err and "correct:stat layers" in err and "/3 [" in err  # a bar over the 3 layers
+    prune(tiny_model("llama", head="causal-lm"), "stat", 0.6, calib=tiny_batches("llama"))
+    assert capsys.readouterr().err == ""  # silent unless asked

@@ -66,7 +66,8 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     from .fisher_math import fisher_importance
 
     head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device,
-                                                  grad_batch_size=options["fisher_grad_batch_size"])
+                                                  grad_batch_size=options["fisher_grad_batch_size"],
+                                                  track=ctx.track)
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
                             "grad_batch_size": options["fisher_grad_batch_size"]}
     return UnitScores([fisher_importance(g) for g in head_grads], [fisher_importance(g) for g in neuron_grads],
@@ -131,7 +132,7 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
     if not bound >= 1.0:
         raise ValueError(f"fisher_scale_bound must be >= 1 (scale 1, the untuned mask, must be allowed), got {bound!r}")
     result = tune_masks(ctx.adapter, ctx.calib, selection, damp=float(options["fisher_damp"]),
-                        bounds=(-bound, bound), device=ctx.device)
+                        bounds=(-bound, bound), device=ctx.device, track=ctx.track)
     fold_scales(ctx.adapter, selection, result.heads, result.neurons)
     n = max(len(result.stats), 1)
     ctx.report["fisher-tune"] = {

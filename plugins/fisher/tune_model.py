@@ -50,6 +50,7 @@ from torch import Tensor
 
 from tshrink.arch.base import Adapter
 from tshrink.calibration import CalibrationData, LayerStream
+from tshrink.progress import Track, untracked
 from tshrink.masking import soft_masks
 from tshrink.units import Selection
 
@@ -144,6 +145,7 @@ def tune_masks(
     damp: float = DAMP,
     bounds: tuple[float, float] = BOUNDS,
     device: torch.device | str | None = None,
+    track: Track = untracked,
 ) -> TuneResult:
     """Tuned real masks for ``selection`` (see the module docstring); the model is not changed."""
     if adapter.family not in MLP_RESIDUAL:
@@ -159,7 +161,7 @@ def tune_masks(
     teacher = LayerStream(adapter, calib, device=dev)
     student = LayerStream(adapter, calib, device=dev)
     stats: list[dict[str, Any]] = []
-    for layer in range(adapter.num_layers):
+    for layer in track(range(adapter.num_layers), desc="layers"):
         attn, mlp = adapter.attn(layer), adapter.mlp(layer)
 
         # -- teacher: targets (projection output + residual - bias), real tokens, per batch

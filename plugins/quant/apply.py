@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tshrink.calibration import CalibrationData, model_inputs, to_device
+from tshrink.progress import Track, untracked
 from tshrink.units import TransformResult
 from tshrink_plugins.quant.binarize import BSFlex, binarize_fixed
 from tshrink_plugins.quant.kmeans import KMeansResult, codebook_gradient, kmeans_quantize
@@ -202,14 +203,14 @@ def _prepare(model: nn.Module, options: dict[str, Any], calib: CalibrationData |
 
 
 def kmeans_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData | None,
-                 *, stage: str = "kmeans") -> TransformResult:
+                 *, stage: str = "kmeans", track: Track = untracked) -> TransformResult:
     """k-means weight sharing (``stage="kmeans"``) or the exact fixed-centroid 1-bit
     binarization (``stage="binarize"``); optional centroid retraining, assignments fixed."""
     t = time.perf_counter()
     granularity, group_size = _grouping(options["quant_granularity"], options["quant_group_size"])
     scope, steps, linears, objective, originals = _prepare(model, options, calib, "quant_retrain_steps", stage)
     results: dict[str, KMeansResult] = {}
-    for name, lin in linears:
+    for name, lin in track(linears, desc="weight matrices"):
         W = lin.weight.detach()
         if stage == "binarize":
             results[name] = _binarize(W, granularity, group_size)
@@ -316,15 +317,18 @@ def imp_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData 
     return _result("imp", model, named, originals, scope, report)
 
 
-STAGES = {"kmeans": kmeans_stage, "binarize": lambda m, o, c: kmeans_stage(m, o, c, stage="binarize"),
+STAGES = {"kmeans": kmeans_stage, "binarize": lambda m, o, c, **kw: kmeans_stage(m, o, c, stage="binarize", **kw),
           "bs-flex": bsflex_stage, "imp": imp_stage}
 
 
 def transform(stage: str, model: nn.Module, options: dict[str, Any],
-              calib: CalibrationData | None = None) -> TransformResult:
-    """Run transform stage ``stage`` (one of :data:`STAGES`) on ``model`` in place."""
+              calib: CalibrationData | None = None, track: Track = untracked) -> TransformResult:
+    """Run transform stage ``stage`` (one of :data:`STAGES`) on ``model`` in place; ``track``
+    wraps the loop over weight matrices (k-means / binarize) with a progress bar."""
     if stage not in STAGES:
         raise ValueError(f"unknown quant stage {stage!r}; known: {sorted(STAGES)}")
+    if stage in ("kmeans", "binarize"):
+        return STAGES[stage](model, options, calib, track=track)
     return STAGES[stage](model, options, calib)
 
 

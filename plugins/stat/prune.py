@@ -62,6 +62,7 @@ from tshrink.arch.base import Adapter
 from tshrink.calibration import CalibrationData, LayerStream
 from tshrink.cost import CostModel
 from tshrink.masking import soft_masks
+from tshrink.progress import Track, untracked
 from tshrink.units import Selection, UnitScores
 
 from .allocate import allocate_global, allocate_uniform, hull_gains
@@ -245,7 +246,7 @@ def _dropped(warn: Callable[[str], None], layer: int, what: str, stats: ColumnSt
 
 # -- score ---------------------------------------------------------------------------------
 def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, device: torch.device,
-                report: dict[str, Any] | None = None) -> UnitScores:
+                report: dict[str, Any] | None = None, track: Track = untracked) -> UnitScores:
     """Error curves of every layer on the dense model and the unit scores derived from them.
 
     A unit's score is its hull gain (:func:`.allocate.hull_gains`) at its pivot position:
@@ -259,7 +260,7 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
     L = adapter.num_layers
     out: dict[str, list[Any]] = {"heads": [], "neurons": []}
     scores: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": []}
-    for layer in range(L):
+    for layer in track(range(L), desc="layers"):
         a, m = adapter.attn(layer), adapter.mlp(layer)
         bs = a.head_dim * a.group
         energy = stream_energy(stream.hidden, stream.token_masks) if cfg.error_norm == "stream" else 1.0
@@ -342,7 +343,8 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
 
 # -- correct -------------------------------------------------------------------------------
 def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection, cfg: StatConfig, *,
-                 device: torch.device, report: dict[str, Any] | None = None) -> Selection:
+                 device: torch.device, report: dict[str, Any] | None = None,
+                 track: Track = untracked) -> Selection:
     """Layer by layer: re-decompose at the selection's widths (``cfg.repick``; otherwise keep
     its indices), fold the least-squares correction into the output projections, and run
     the pruned layer so the next one calibrates on pruned inputs (``cfg.sequential``:
@@ -357,7 +359,7 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
     L = adapter.num_layers
     new_heads = [list(h) for h in selection.heads]
     new_neurons = [list(n) for n in selection.neurons]
-    for layer in range(L):
+    for layer in track(range(L), desc="layers"):
         a, m = adapter.attn(layer), adapter.mlp(layer)
         bs = a.head_dim * a.group
         kh, kn = len(selection.heads[layer]), len(selection.neurons[layer])
