@@ -226,3 +226,21 @@ def test_builtins_report_progress_through_ctx_track(capsys):
     assert "score:stat layers" in err and "correct:stat layers" in err and "/3 [" in err  # a bar over the 3 layers
     prune(tiny_model("llama", head="causal-lm"), "stat", 0.6, calib=tiny_batches("llama"))
     assert capsys.readouterr().err == ""  # silent unless asked
+
+
+def test_harness_prune_block_silences_broken_entry_points(broken_entry_points, tmp_path, monkeypatch):
+    import warnings
+
+    from tshrink.testing import tiny_model_dir
+    from tshrink_harness.cli import main
+
+    monkeypatch.delenv("TSHRINK_BLOCK_PLUGINS", raising=False)  # restored after the test
+    model_dir = tiny_model_dir("llama", tmp_path)
+    args = ["prune", "--method", "magnitude", "--model", str(model_dir), "--flops", "0.6", "--calib-samples", "4",
+            "--seq-len", "16"]
+    with pytest.warns(PluginProblem, match="needs libfoo.so"):
+        assert main(args + ["--output", str(tmp_path / "a")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginProblem)
+        assert main(args + ["--output", str(tmp_path / "b"), "--block", "broken", "--block", "missing",
+                            "--block", "typo"]) == 0
