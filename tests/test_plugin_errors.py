@@ -134,7 +134,8 @@ def test_unknown_default_key_and_option_clash_are_rejected_at_registration():
     assert {p.plugin for p in reg.problems} == {"Sloppy"} and len(reg.problems) == 3
     with pytest.warns(PluginProblem) as caught:
         reg.warn_problems()
-    assert len(caught) == 3 and "stat_repik" in str(caught[0].message)
+    mine = [str(w.message) for w in caught if w.category is PluginProblem]
+    assert len(mine) == 3 and "stat_repik" in mine[0]
     # the same checks hold for ad-hoc recipes
     with pytest.raises(ValueError, match="option 'norm' is declared by both"):
         reg.method("score=magnitude,select=global,correct=fix")
@@ -180,31 +181,37 @@ def _fake_distribution(root, entry_points: dict[str, str], modules: dict[str, st
 @pytest.fixture
 def broken_entry_points(tmp_path, monkeypatch):
     _fake_distribution(tmp_path, {"broken": "tshrink_fake_broken", "missing": "tshrink_fake_missing",
-                                  "typo": "tshrink_fake_typo"},
+                                  "typo": "tshrink_fake_typo", "badsig": "tshrink_fake_badsig"},
                        {"tshrink_fake_broken": "import numpy\nraise ImportError('needs libfoo.so')\n",
                         "tshrink_fake_typo": "from tshrink import hookimpl\n@hookimpl\n"
-                                             "def tshrink_scroe(name, ctx, options):\n    return None\n"})
+                                             "def tshrink_scroe(name, ctx, options):\n    return None\n",
+                        "tshrink_fake_badsig": "from tshrink import hookimpl\n@hookimpl\n"
+                                               "def tshrink_score(name, ctx, options, extra):\n    return None\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
-    for mod in ("tshrink_fake_broken", "tshrink_fake_missing", "tshrink_fake_typo"):
+    for mod in ("tshrink_fake_broken", "tshrink_fake_missing", "tshrink_fake_typo", "tshrink_fake_badsig"):
         monkeypatch.delitem(__import__("sys").modules, mod, raising=False)
 
 
 def test_broken_entry_point_is_reported_and_the_rest_works(broken_entry_points):
     pm = get_plugin_manager()
     failures = {name: (package, error) for name, package, error in pm.load_failures}
-    assert set(failures) == {"broken", "missing", "typo"}
+    assert set(failures) == {"broken", "missing", "typo", "badsig"}
     assert failures["broken"][0] == "tshrink-fake 9.9"
     assert "ImportError: needs libfoo.so" in failures["broken"][1] and "--block broken" in failures["broken"][1]
     assert "ModuleNotFoundError" in failures["missing"][1] and "TSHRINK_BLOCK_PLUGINS=missing" in failures["missing"][1]
     assert "tshrink_scroe" in failures["typo"][1] and pm.get_plugin("typo") is None
+    assert "cannot register" in failures["badsig"][1] and "extra" in failures["badsig"][1]
+    assert pm.get_plugin("badsig") is None
+    assert all(i.plugin_name != "badsig" for i in pm.hook.tshrink_score.get_hookimpls())
     reg = Registry(pm)
     assert {"magnitude", "stat", "fisher"} <= set(reg.methods)
-    assert {p.plugin for p in reg.problems} == {"broken", "missing", "typo"}
+    assert {p.plugin for p in reg.problems} == {"broken", "missing", "typo", "badsig"}
     with pytest.warns(PluginProblem) as caught:
         prune(tiny_model("bert"), "magnitude", 0.5, pm=pm)
-    assert len(caught) == 3 and any("(broken, tshrink-fake 9.9): cannot import" in str(w.message) for w in caught)
+    mine = [str(w.message) for w in caught if w.category is PluginProblem]
+    assert len(mine) == 4 and any("(broken, tshrink-fake 9.9): cannot import" in m for m in mine)
     # blocked by name (argument or environment): not even imported, so not reported
-    assert get_plugin_manager(block=["broken", "missing", "typo"]).load_failures == []
+    assert get_plugin_manager(block=["broken", "missing", "typo", "badsig"]).load_failures == []
 
 
 def test_harness_plugins_lists_broken_entry_points(broken_entry_points, monkeypatch, capsys):
@@ -212,8 +219,8 @@ def test_harness_plugins_lists_broken_entry_points(broken_entry_points, monkeypa
 
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "magnitude *" in out and "3 problem(s)" in out and "needs libfoo.so" in out and "tshrink-fake 9.9" in out
-    monkeypatch.setenv("TSHRINK_BLOCK_PLUGINS", "broken,missing")
+    assert "magnitude *" in out and "4 problem(s)" in out and "needs libfoo.so" in out and "tshrink-fake 9.9" in out
+    monkeypatch.setenv("TSHRINK_BLOCK_PLUGINS", "broken,missing,badsig")
     assert main(["plugins", "--block", "typo"]) == 0
     out = capsys.readouterr().out
     assert "problem" not in out and "magnitude *" in out
@@ -238,9 +245,43 @@ def test_harness_prune_block_silences_broken_entry_points(broken_entry_points, t
     model_dir = tiny_model_dir("llama", tmp_path)
     args = ["prune", "--method", "magnitude", "--model", str(model_dir), "--flops", "0.6", "--calib-samples", "4",
             "--seq-len", "16"]
-    with pytest.warns(PluginProblem, match="needs libfoo.so"):
+    with pytest.warns(PluginProblem) as caught:
         assert main(args + ["--output", str(tmp_path / "a")]) == 0
+    mine = [str(w.message) for w in caught if w.category is PluginProblem]
+    assert len(mine) == 4 and any("needs libfoo.so" in m for m in mine)  # once each
     with warnings.catch_warnings():
         warnings.simplefilter("error", PluginProblem)
         assert main(args + ["--output", str(tmp_path / "b"), "--block", "broken", "--block", "missing",
-                            "--block", "typo"]) == 0
+                            "--block", "typo", "--block", "badsig"]) == 0
+
+
+def test_duplicate_method_names_set_both_aside():
+    class Twin:
+        @hookimpl
+        def tshrink_methods(self):
+            return [MethodSpec("magnitude", Recipe(score="magnitude", select="uniform"))]
+
+    reg = Registry(get_plugin_manager(plugins=[Twin()]))
+    with pytest.raises(ValueError, match=r"method 'magnitude' is declared by both 'magnitude' \(tshrink .*\) and "
+                       r"'Twin'.*--block Twin"):
+        reg.method("magnitude")
+    assert "magnitude-uniform" in reg.methods
+
+
+def test_restore_goes_to_the_plugin_that_declared_the_transform(tmp_path):
+    from tshrink.checkpoint import load_pruned, save_pruned
+
+    class Grabby:  # would claim every compact form if asked
+        @hookimpl
+        def tshrink_restore(self, name, model, tensors, meta):
+            raise RuntimeError("not mine")
+
+    model = tiny_model("bert")
+    res = prune(model, "kmeans", 1.0, options={"quant_bits": 2})
+    save_pruned(model, tmp_path / "m", compressed=res.compressed)
+    batch = tiny_batches("bert").batches[0]
+    again = load_pruned(tmp_path / "m", pm=get_plugin_manager(plugins=[Grabby()]))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    with pytest.raises(ValueError, match="no loaded plugin declares transform stage 'kmeans'"):
+        load_pruned(tmp_path / "m", pm=get_plugin_manager(block=["quant"]))

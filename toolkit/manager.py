@@ -56,7 +56,8 @@ def load_entry_points(pm: pluggy.PluginManager, group: str = PROJECT) -> list[tu
             except Exception as err:  # noqa: BLE001 - e.g. pluggy.PluginValidationError
                 if pm.is_registered(plugin):
                     pm.unregister(plugin)
-                failures.append((ep.name, package, f"cannot register {ep.value!r}: {err} ({hint})"))
+                failures.append((ep.name, package, f"cannot register {ep.value!r}: {' '.join(str(err).split())} "
+                                 f"({hint})"))
                 continue
             typos = _unknown_hooks(pm, plugin)
             if typos:

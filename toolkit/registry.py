@@ -218,13 +218,14 @@ class Registry:
                              + " (a plugin blocked or not installed?)")
         return self.stages[(kind, name)]
 
-    def stage_hook(self, kind: str, name: str) -> Any:
-        """The ``tshrink_<kind>`` hook restricted to the plugin that declared the stage: a call
-        reaches that plugin only, so another plugin's bugs cannot break this stage."""
+    def stage_hook(self, kind: str, name: str, hook: str | None = None) -> Any:
+        """The ``tshrink_<kind>`` hook (or ``hook``, e.g. ``tshrink_restore`` for a transform
+        stage) restricted to the plugin that declared the stage: a call reaches that plugin
+        only, so another plugin's bugs cannot break this stage."""
         self.stage(kind, name)
         owner = self.stage_plugins[(kind, name)]
         others = [p for p in self.pm.get_plugins() if p is not owner]
-        return self.pm.subset_hook_caller(f"tshrink_{kind}", remove_plugins=others)
+        return self.pm.subset_hook_caller(hook or f"tshrink_{kind}", remove_plugins=others)
 
     def method(self, name: str) -> MethodSpec:
         """A registered method, or an ad-hoc one from a recipe string (``score=...,select=...``)."""
@@ -245,9 +246,13 @@ class Registry:
         return self.method_sources.get(method, Source("-", "-", "-"))
 
     def warn_problems(self) -> None:
-        """Emit one :class:`tshrink.errors.PluginProblem` warning per problem (commands other
-        than ``harness plugins``, which lists them)."""
+        """Emit one :class:`tshrink.errors.PluginProblem` warning per problem and plugin manager
+        (commands other than ``harness plugins``, which lists them)."""
+        warned = self.pm.__dict__.setdefault("tshrink_warned", set())  # once per plugin manager
         for p in self.problems:
+            if p in warned:
+                continue
+            warned.add(p)
             where = f"{p.plugin}, {p.package}" if p.package != "-" else p.plugin
             warnings.warn(f"tshrink plugin problem ({where}): {p.error}", PluginProblem,
                           stacklevel=2)
