@@ -44,6 +44,8 @@ class Bad:
             return None
         if self.mode == "tuple":
             return ([torch.ones(n) for n in counts[0]], [torch.ones(n) for n in counts[1]])
+        if self.mode == "lists":
+            return UnitScores([[1.0] * n for n in counts[0]], [[1.0] * n for n in counts[1]])
         if self.mode == "short":
             return UnitScores([torch.ones(n) for n in counts[0]][:-1], [torch.ones(n) for n in counts[1]])
         return UnitScores([torch.ones(n) for n in counts[0]], [torch.ones(n) for n in counts[1]])
@@ -63,6 +65,7 @@ def _run(method, mode, calib=True):
     ("raises", r"ValueError: boom"),
     ("none", r"returned None for its own score stage 'bad'"),
     ("tuple", r"returned a tuple, expected a UnitScores"),
+    ("lists", r"its UnitScores fails the host's check: AttributeError: 'list' object has no attribute 'shape'"),
     ("short", r"its UnitScores fails the host's check: scores.heads: 2 layers, the model has 3"),
 ])
 def test_failing_score_stage_names_its_plugin(mode, reason):
@@ -285,3 +288,50 @@ def test_restore_goes_to_the_plugin_that_declared_the_transform(tmp_path):
         torch.testing.assert_close(again(**batch).last_hidden_state, model(**batch).last_hidden_state)
     with pytest.raises(ValueError, match="no loaded plugin declares transform stage 'kmeans'"):
         load_pruned(tmp_path / "m", pm=get_plugin_manager(block=["quant"]))
+
+
+class EveryKind:
+    """One broken stage of every kind, each behind the built-in magnitude scorer/selector."""
+
+    @hookimpl
+    def tshrink_stages(self):
+        return [StageSpec("select", "x-select"), StageSpec("refine", "x-refine"), StageSpec("correct", "x-widen"),
+                StageSpec("transform", "x-transform")]
+
+    @hookimpl
+    def tshrink_methods(self):
+        return [MethodSpec("x-select", Recipe(score="magnitude", select="x-select")),
+                MethodSpec("x-refine", Recipe(score="magnitude", select="global", refine=("x-refine",))),
+                MethodSpec("x-widen", Recipe(score="magnitude", select="global", correct=("x-widen",))),
+                MethodSpec("x-transform", Recipe(transform=("x-transform",)))]
+
+    @hookimpl
+    def tshrink_select(self, name, ctx, scores, options):
+        raise KeyError("no such layer")
+
+    @hookimpl
+    def tshrink_refine(self, name, ctx, scores, selection, options):
+        return selection.heads, selection.neurons
+
+    @hookimpl
+    def tshrink_correct(self, name, ctx, selection, options):
+        return Selection.full(ctx.adapter.head_counts(), ctx.adapter.neuron_counts())
+
+    @hookimpl
+    def tshrink_transform(self, name, ctx, options):
+        return None
+
+
+@pytest.mark.parametrize("method, kind, reason", [
+    ("x-select", "select", "KeyError: 'no such layer'"),
+    ("x-refine", "refine", "returned a tuple, expected a Selection"),
+    ("x-widen", "correct", "may only narrow layers; it widened them"),
+    ("x-transform", "transform", "returned None for its own transform stage 'x-transform'"),
+])
+def test_every_stage_kind_names_its_plugin(method, kind, reason):
+    pm = get_plugin_manager(plugins=[EveryKind()])
+    with pytest.raises(StageError, match=f"{kind} stage '{method}' of plugin 'EveryKind' failed in method "
+                       f"'{method}' at budget 0.6: .*{reason}") as info:
+        prune(tiny_model("bert"), method, 0.6, pm=pm)
+    assert (info.value.kind, info.value.stage) == (kind, method)
+    assert prune(tiny_model("bert"), "magnitude", 0.6, pm=pm).report["flops_kept"] <= 0.6  # the rest works

@@ -111,8 +111,9 @@ class _Stages:
             if check is not None:
                 try:
                     check(out)
-                except ValueError as err:
-                    raise self.error(kind, name, f"its {want.__name__} fails the host's check: {err}") from err
+                except Exception as err:  # noqa: BLE001 - e.g. lists where tensors belong
+                    detail = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+                    raise self.error(kind, name, f"its {want.__name__} fails the host's check: {detail}") from err
         finally:
             self.ctx.stage = ""
         return out
