@@ -24,9 +24,10 @@ def tshrink_stages() -> list[StageSpec]:
 @hookimpl
 def tshrink_methods() -> list[MethodSpec]:
     return [
-        MethodSpec("wanda-sp", Recipe(score="wanda-sp", select="global"), "structured Wanda, global ranking",
+        MethodSpec("wanda-sp", Recipe(score="wanda-sp", select="uniform"),
+                   "structured Wanda: the same kept fraction in every layer, as the FLAP authors' baseline",
                    paper=PAPER),
-        MethodSpec("wanda-sp-fold", Recipe(score="wanda-sp", select="global", correct=("lsq-fold",)),
+        MethodSpec("wanda-sp-fold", Recipe(score="wanda-sp", select="uniform", correct=("lsq-fold",)),
                    "structured Wanda with a least-squares correction of the kept units"),
     ]
 
