@@ -35,7 +35,7 @@ for task in "${TASKS[@]}"; do
     --device "$DEVICE" --output "$out"
   cp "$out/finetune.json" "results/finetune/minilm-$task.json"
   harness compare --methods "$METHODS" --model "$out" --task "$task" --flops "$BUDGETS" \
-    --calib-samples 512 --data-dir "$DATA" --device "$DEVICE" --no-leaderboard
+    --calib-samples 512 --data-dir "$DATA" --device "$DEVICE" --results results --no-leaderboard
 done
 
 # decoder: WikiText-2 raw test perplexity; calibration 32 random windows of the valid file.
@@ -43,6 +43,6 @@ done
 if [ -z "${SKIP_DECODER:-}" ]; then
   if [ "$DEVICE" = cuda ]; then LM=(--seq-len 1024 --eval-samples 0); else LM=(--seq-len 256 --eval-samples 64); fi
   harness compare --methods "$METHODS" --model smollm2 --task wikitext2 --flops "$BUDGETS" "${LM[@]}" \
-    --data-dir "$DATA" --device "$DEVICE" --no-leaderboard
+    --data-dir "$DATA" --device "$DEVICE" --results results --no-leaderboard
 fi
 harness leaderboard --results results

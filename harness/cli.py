@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -91,7 +92,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune_to_dir(model=args.model, method=args.method, budget=_budgets(args.flops)[0],
                           output=args.output, options=_opts(args.opt), calib_samples=args.calib_samples,
                           seq_len=args.seq_len, data_dir=args.data_dir, device=args.device, seed=args.seed,
-                          task=args.task)
+                          task=args.task, overwrite=args.overwrite)
     keys = ("method", "task", "budget", "flops_kept", "fvcore_flops_before", "fvcore_flops_after",
             "params_before", "params_after", "time_s")
     for k in keys:
@@ -103,17 +104,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
+    from .records import failed
+
     _block(args)
     budgets = _budgets(args.flops)
-    compare(methods=args.methods, model=args.model, task=args.task, budgets=budgets, options=_opts(args.opt),
+    reference = None if args.reference.lower() == "none" else args.reference
+    recs = compare(methods=args.methods, model=args.model, task=args.task, budgets=budgets, options=_opts(args.opt),
             calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
             data_dir=args.data_dir, device=args.device, seed=args.seed, results_dir=args.results,
             lmeval_include=args.lmeval_include, squad_split=args.squad_split, num_beams=args.num_beams,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             latency_batch=args.latency_batch, latency_warmup=args.latency_warmup,
-            latency_repeats=args.latency_repeats, leaderboard=not args.no_leaderboard,
+            latency_repeats=args.latency_repeats, leaderboard=not args.no_leaderboard, reference=reference,
             command=["harness", *sys.argv[1:]] if args.argv is None else ["harness", *args.argv])
-    return 0
+    return 1 if any(failed(r) for r in recs) else 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -142,6 +146,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Compress transformers without retraining and compare methods.")
+    p.add_argument("--debug", action="store_true", help="print the traceback of every error (also TSHRINK_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("plugins", aliases=["ls"], help="list methods: stages, needs, paper, package and version")
@@ -173,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", help="prune one model and write the checkpoint and a JSON report")
     s.add_argument("--method", required=True, help="method name or recipe 'score=..,select=..,correct=..'")
     s.add_argument("--flops", required=True, help="fraction of FLOPs kept, in (0, 1]")
-    s.add_argument("--output", required=True, help="directory for the pruned checkpoint")
+    s.add_argument("--output", required=True, help="directory for the pruned checkpoint: new, empty, or (with "
+                   "--overwrite) a checkpoint the toolkit wrote")
+    s.add_argument("--overwrite", action="store_true", help="replace --output if it holds a checkpoint the toolkit "
+                   "wrote (tshrink.json); any other non-empty directory is never replaced")
     common(s)
     s.set_defaults(func=cmd_prune)
 
@@ -191,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--squad-split", default=None, help="SQuAD dev-article split, e.g. dev-articles:train=0-23,eval=24-47")
     s.add_argument("--num-beams", type=int, default=None, help="translation: beam size (default 1, greedy)")
     s.add_argument("--max-new-tokens", type=int, default=None, help="translation: most generated tokens (default 256)")
-    s.add_argument("--results", default="results", help="directory for the JSON records and LEADERBOARD.md")
+    s.add_argument("--results", default="runs", help="directory for your JSON records and LEADERBOARD.md "
+                   "(default runs/; the project's committed figures live in results/)")
+    s.add_argument("--reference", default="results", help="results directory whose records with the same keys are "
+                   "shown beside the ones computed now, differences flagged (default results/; 'none' to skip)")
     s.add_argument("--no-leaderboard", action="store_true", help="do not rebuild LEADERBOARD.md afterwards")
     common(s)
     s.set_defaults(func=cmd_compare)
@@ -216,19 +227,61 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("leaderboard", help="rebuild LEADERBOARD.md and the Pareto plots from the JSON records")
-    s.add_argument("--results", default="results")
+    s.add_argument("--results", default="runs", help="results directory (default runs/, where compare writes; "
+                   "the project's committed leaderboard: --results results)")
     s.set_defaults(func=cmd_leaderboard)
+    for parser in {id(q): q for q in sub.choices.values()}.values():  # `harness CMD ... --debug` too
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="print the traceback of every error (also TSHRINK_DEBUG=1)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
+    debug = bool(getattr(args, "debug", False) or os.environ.get("TSHRINK_DEBUG"))
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"harness: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error becomes one line (and a traceback for bugs)
+        return report_error(err, debug=debug)
+
+
+#: OSErrors that describe the user's files or machine (a path, permissions, a full disk), not a bug.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def report_error(err: BaseException, *, debug: bool = False) -> int:
+    """Print ``err`` for a person and return the exit code.
+
+    Bad input (ValueError, a missing / unwritable path, a full disk): one line, exit 2. A failure
+    inside a plugin's stage (``tshrink.errors.StageError``): one line naming the plugin, package,
+    version, stage, method and budget, exit 1. Anything else is a bug in the toolkit or a plugin:
+    its traceback, then one line saying so, exit 1. ``--debug`` (or ``TSHRINK_DEBUG=1``) prints
+    the traceback in every case."""
+    import errno
+    import traceback
+
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    if hasattr(err, "plugin") and hasattr(err, "stage"):  # tshrink.errors.StageError
+        print(f"harness: error: {err}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return 1
+    if isinstance(err, ValueError) or isinstance(err, _USER_OS_ERRORS) or (
+            isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)):
+        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in str(err.strerror or ""):
+            text = f"{err.strerror or err}: {err.filename}"
+        else:
+            text = str(err)
+        print(f"harness: error: {text}", file=sys.stderr)
         return 2
+    if not debug:
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    print(f"harness: internal error ({type(err).__name__}: {err}) -- a bug in tshrink or in a plugin, not in "
+          f"your input; please report it with the traceback above", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

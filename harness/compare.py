@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -33,11 +34,17 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             calib_samples: int | None = None, eval_samples: int | None = None, seq_len: int | None = None,
             data_dir: str | None = None, device: str = "cpu", seed: int = 0, results_dir: str = "results",
             task: str | None = None, lmeval_include: str | None = None, squad_split: str | None = None,
-            num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8, latency_batch: int = 1, latency_warmup: int = 2, latency_repeats: int = 5,
-            leaderboard: bool = True, command: list[str] | None = None, pm: Any = None) -> list[dict[str, Any]]:
+            num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
+            latency_batch: int = 1, latency_warmup: int = 2, latency_repeats: int = 5,
+            leaderboard: bool = True, command: list[str] | None = None, pm: Any = None,
+            reference: str | None = None) -> list[dict[str, Any]]:
     """Run (or resume) every method x budget; print the tables; return the records.
 
-    pm: a plugin manager (default: every installed plugin), e.g. with extra test plugins."""
+    A run that fails (in any stage, its evaluation or its measurement) becomes a record with
+    ``status: "failed"``, the stage and the error; the other runs go on; a re-run retries it.
+    pm: a plugin manager (default: every installed plugin), e.g. with extra test plugins.
+    reference: a results directory (e.g. the committed ``results``) whose records with the same
+        keys are printed beside the ones computed now, differences beyond noise flagged."""
     import torch
 
     from tshrink.models import load_model
@@ -45,7 +52,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
 
     from .leaderboard import build, render_group
     from .measure import bits_per_weight, latency, latency_batch as make_batch, saved_size
-    from .run import flops_or_none, make_plan
+    from .run import build_calibration, flops_or_none, make_plan
 
     if batch_size < 1 or latency_batch < 1:
         raise ValueError("--batch-size and --latency-batch must be at least 1")
@@ -62,8 +69,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     dense.to(device)
     model_hash = R.hash_tensors(dense)
     settings = {"seq_len": seq, "eval_samples": plan.eval_samples, "batch_size": batch_size, "device": device}
-    calib = (t.calibration(tok, samples=plan.calib_samples, seq_len=seq, seed=seed, batch_size=batch_size)
-             if plan.needs_calibration else None)
+    calib = build_calibration(plan, tok, seed=seed, batch_size=batch_size)
     calib_desc = R.jsonable(calib.describe() | {"hash": R.hash_calibration(calib), "seed": seed}) if calib else None
     task_desc = {"name": t.name, "kind": t.kind, "main_metric": t.main_metric,
                  "higher_is_better": t.higher_is_better, **R.jsonable(t.info)}
@@ -113,46 +119,69 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     score_cache: dict[Any, tuple[Any, float]] = {}
     for spec, budget, key in tqdm(todo, desc="compare", unit="run", disable=not todo):
         opts = plan.registry.resolve_options(spec, plan.options[spec.name])
+        head = dict(base, record_key=key, method=spec.name, recipe=str(spec.recipe), options=opts, budget=budget,
+                    seed=seed, calibration=calib_desc)
         tqdm.write(f"[run] {spec.name} @ {budget:g}")
         net = copy.deepcopy(dense)
-        # scores depend on the dense model, calibration, seed and score options, not on the budget
-        # (hook contract): computed once per score stage, their time counted in every run's prune time
-        skey = _score_key(plan.registry, spec, opts)
-        cached = score_cache.get(skey)
-        start = time.perf_counter()
-        res = prune(net, spec, budget, calib=calib, seq_len=seq, options=plan.options[spec.name], pm=plan.pm,
-                    device=device, seed=seed, progress=True, scores=cached[0] if cached else None)
-        prune_time = time.perf_counter() - start
-        if cached:
-            prune_time += cached[1]
-            res.report["timings_s"][f"score:{spec.recipe.score}"] = cached[1]
-        elif skey is not None:
-            score_cache[skey] = (res.scores, res.report["timings_s"][f"score:{spec.recipe.score}"])
-        fv = flops_or_none(net, seq)
-        start = time.perf_counter()
-        ev = t.evaluate(net, tok, **eval_kw)
-        eval_time = time.perf_counter() - start
-        lat = latency(net, lat_batch, device, **lat_kw)
-        size = saved_size(net, res.compressed)
-        rec = R.jsonable(dict(
-            base, record_key=key, method=spec.name, recipe=str(spec.recipe), options=opts, budget=budget, seed=seed,
-            calibration=calib_desc, metrics=ev.metrics, main_metric=ev.info.get("main_metric", t.main_metric),
-            evaluation=dict(ev.info, time_s=eval_time),
-            flops={"fvcore": fv, "fvcore_dense": dense_fv, "kept": fv / dense_fv if fv and dense_fv else 1.0,
-                   "analytic_kept": res.report["flops_kept"], "seq_len": seq},
-            params=sum(p.numel() for p in net.parameters()), params_dense=dense_params,
-            latency={"pruned": lat, "dense": dense_lat, "speedup": dense_lat["median_ms"] / lat["median_ms"]},
-            size=dict(size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / max(size["bytes"], 1),
-                      bits_per_weight=bits_per_weight(net, res.report["transforms"])),
-            prune={"time_s": prune_time, "timings_s": res.report["timings_s"], "widths": res.report["widths_after"],
-                   "transforms": res.report["transforms"], "stages": res.report["stages"]}))
+        stage = ["prune"]  # where a failure happened: prune (StageError says which stage), evaluate, measure
+        try:
+            # scores depend on the dense model, calibration, seed and score options, not on the budget
+            # (hook contract): computed once per score stage, their time counted in every run's prune time
+            skey = _score_key(plan.registry, spec, opts)
+            cached = score_cache.get(skey)
+            start = time.perf_counter()
+            res = prune(net, spec, budget, calib=calib, seq_len=seq, options=plan.options[spec.name], pm=plan.pm,
+                        device=device, seed=seed, progress=True, scores=cached[0] if cached else None)
+            prune_time = time.perf_counter() - start
+            if cached:
+                prune_time += cached[1]
+                res.report["timings_s"][f"score:{spec.recipe.score}"] = cached[1]
+            elif skey is not None:
+                score_cache[skey] = (res.scores, res.report["timings_s"][f"score:{spec.recipe.score}"])
+            stage[0] = "measure"
+            fv = flops_or_none(net, seq)
+            stage[0] = "evaluate"
+            start = time.perf_counter()
+            ev = t.evaluate(net, tok, **eval_kw)
+            eval_time = time.perf_counter() - start
+            stage[0] = "measure"
+            lat = latency(net, lat_batch, device, **lat_kw)
+            size = saved_size(net, res.compressed)
+        except Exception as err:  # noqa: BLE001 - one failing method never stops the others
+            rec = R.jsonable(dict(head, status="failed", failure=R.failure(err, stage[0]), metrics={}))
+            tqdm.write(f"[failed] {spec.name} @ {budget:g}: {rec['failure']['summary']}")
+        else:
+            rec = R.jsonable(dict(
+                head, metrics=ev.metrics, main_metric=ev.info.get("main_metric", t.main_metric),
+                evaluation=dict(ev.info, time_s=eval_time),
+                flops={"fvcore": fv, "fvcore_dense": dense_fv, "kept": fv / dense_fv if fv and dense_fv else 1.0,
+                       "analytic_kept": res.report["flops_kept"], "seq_len": seq},
+                params=sum(p.numel() for p in net.parameters()), params_dense=dense_params,
+                latency={"pruned": lat, "dense": dense_lat, "speedup": dense_lat["median_ms"] / lat["median_ms"]},
+                size=dict(size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / max(size["bytes"], 1),
+                          bits_per_weight=bits_per_weight(net, res.report["transforms"])),
+                prune={"time_s": prune_time, "timings_s": res.report["timings_s"], "widths": res.report["widths_after"],
+                       "transforms": res.report["transforms"], "stages": res.report["stages"]}))
         R.write_record(results_dir, rec)
         out.append(rec)
         del net
         if device == "cuda":
             torch.cuda.empty_cache()
     print(render_group(out))
+    if reference and Path(reference).resolve() != Path(results_dir).resolve() and (Path(reference) / R.RUNS).is_dir():
+        from .reproduce import against_reference
+
+        table, flagged = against_reference(out, reference)
+        if table:
+            print("\n" + table)
+            if flagged:
+                print(f"\n{flagged} figure(s) differ from the committed ones beyond the noise tolerance: see above")
     if leaderboard:
         path = build(results_dir)
         print(f"\nleaderboard: {path}")
+    failures = [r for r in out if R.failed(r)]
+    if failures:
+        print(f"\n{len(failures)} run(s) failed (recorded under {results_dir}/{R.RUNS}/; a re-run retries them):")
+        for r in failures:
+            print(f"  {r['method']} @ {r['budget']:g}: {r['failure']['summary']}")
     return out

@@ -123,6 +123,7 @@ def finetune(*, task: str, model: str, output: str | None, epochs: float = 3.0, 
 
     from tshrink.checkpoint import write_json_atomic
     from tshrink.models import cache_dir, load_model, resolve_model
+    from tshrink.outputs import check_output_dir
 
     from .data import resolve_data_dir
     from .run import check_device
@@ -145,6 +146,8 @@ def finetune(*, task: str, model: str, output: str | None, epochs: float = 3.0, 
         what = "an encoder-decoder (seq2seq) model" if kind == "seq2seq" else "a decoder"
         raise ValueError(f"task {t.name!r} fine-tunes encoders; model {model!r} ({config.model_type}) is {what}")
     t.prepare(resolve_data_dir(data_dir), need_train=True)
+    if output:  # refuse a protected path, a file or a user's directory before loading anything
+        check_output_dir(output, markers=(MANIFEST,), overwrite=True, what="--output", flag="--force")
     # ---- checks done; the work (and the cache look-up, which hashes weights) starts here ----
     if device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -160,9 +163,8 @@ def finetune(*, task: str, model: str, output: str | None, epochs: float = 3.0, 
     if cached is not None and not force:
         raise ValueError(f"{out} holds a different fine-tune (key {cached.get('key')} != {key}); "
                          f"pass --force to replace it or choose another --output")
-    if out.exists() and cached is None and any(out.iterdir()) and not force:
-        raise ValueError(f"{out} exists and is not a fine-tune written by harness finetune; pass --force or "
-                         f"choose another --output")
+    # only a fine-tune's own directory (finetune.json) is ever replaced, and only with --force
+    check_output_dir(out, markers=(MANIFEST,), overwrite=force, what="--output", flag="--force")
     torch.manual_seed(seed)  # the same dropout stream whatever the cache look-up did
     if device == "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -176,7 +178,7 @@ def finetune(*, task: str, model: str, output: str | None, epochs: float = 3.0, 
         "dev_evaluation": dict(ev.info, time_s=time.perf_counter() - start), "train": figures,
         "max_eval_samples": max_eval_samples, "device": R.device_info(device), "versions": R.versions(),
         "git": R.git_revision(), "command": command, "weights_hash": R.hash_tensors(net)})
-    _save(net.to("cpu"), tok, out, record, write_json_atomic)
+    _save(net.to("cpu"), tok, out, record, write_json_atomic, overwrite=force)
     return record
 
 
@@ -187,11 +189,12 @@ def _read(out: Path) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
-def _save(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], write_json: Any) -> None:
-    """Checkpoint + finetune.json into a temporary sibling, renamed into place."""
-    from tshrink.checkpoint import atomic_dir
+def _save(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], write_json: Any, *,
+          overwrite: bool) -> None:
+    """Checkpoint + finetune.json into a staged sibling, swapped into place (tshrink.outputs)."""
+    from tshrink.outputs import atomic_dir
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, markers=(MANIFEST,), overwrite=overwrite, what="--output", flag="--force") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / MANIFEST, record)

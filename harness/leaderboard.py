@@ -10,8 +10,7 @@ size on disk, compression ratio) and a Pareto plot (main metric vs FLOPs kept).
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from . import records as R
 
 BOARD = "LEADERBOARD.md"
 PLOTS = "plots"
+PLOT_LIST = ".tshrink-plots.json"  # the plots the last rebuild wrote: the only files a rebuild may delete
+HEADER = "# Leaderboard"
 
 
 def group_key(rec: dict[str, Any]) -> str:
@@ -58,7 +59,7 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     main = _metric_name(recs)
     better = "higher" if task.get("higher_is_better", True) else "lower"
     split = first.get("evaluation", {}).get("split", task.get("split", "-"))
-    lat = next((r["latency"]["pruned"] for r in recs if r["latency"].get("pruned")), None) or {}
+    lat = next((r["latency"]["pruned"] for r in recs if r.get("latency", {}).get("pruned")), None) or {}
     lines = [f"## {task['name']} · {R.model_tag(first['model']['spec'])}", "",
              f"model `{R.model_tag(first['model']['spec'])}` ({first['model']['architecture']}, weights hash "
              f"`{first['model']['hash']}`); task data hash `{task.get('data_hash')}`; evaluation split "
@@ -74,7 +75,7 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
         if r["method"] != "dense":
             by_method[r["method"]].setdefault(r["budget"], r)
     for method in sorted(by_method):
-        cells = [_num(by_method[method][b]["metrics"].get(main)) if b in by_method[method] else "-" for b in budgets]
+        cells = [_cell(by_method[method][b], main) if b in by_method[method] else "-" for b in budgets]
         rows.append([method, ""] + cells + [split])
     headers = ["method", "dense"] + [f"{b:g}" for b in budgets] + ["eval split"]
     lines += [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
@@ -82,6 +83,10 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     metrics = sorted({k for r in recs for k in r["metrics"]})
     detail = []
     for r in recs:
+        if R.failed(r):
+            detail.append([r["method"], f"{r['budget']:g}", f"FAILED at {r['failure']['stage']}", "-"]
+                          + ["-" for _ in metrics] + ["-"] * 5 + [str(r["seed"]), split])
+            continue
         size = r.get("size", {})
         detail.append([r["method"], f"{r['budget']:g}", _num(r["flops"].get("kept")), f"{r['params'] / 1e6:.2f}M"]
                       + [_num(r["metrics"].get(k)) for k in metrics]
@@ -98,9 +103,17 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
               f"{R.SIZE_NOTE}. prune s: what one prune at that budget alone costs; `harness compare` "
               "scores each method once and reuses the scores for its other budgets, and counts that "
               "score time in every row.", ""]
+    failures = [r for r in recs if R.failed(r)]
+    if failures:
+        lines += ["Failed runs (a re-run of the same command retries them):", ""]
+        lines += [f"- `{r['method']}` @ {r['budget']:g}: {r['failure']['summary']}" for r in failures] + [""]
     if plot:
         lines += [f"![{task['name']} Pareto plot]({plot})", ""]
     return "\n".join(lines)
+
+
+def _cell(rec: dict[str, Any], metric: str) -> str:
+    return f"failed ({rec['failure']['stage']})" if R.failed(rec) else _num(rec["metrics"].get(metric))
 
 
 def pareto_png(recs: list[dict[str, Any]]) -> bytes:
@@ -118,7 +131,7 @@ def pareto_png(recs: list[dict[str, Any]]) -> bytes:
     by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in recs:
         value = r["metrics"].get(main)
-        if value is not None and r["method"] != "dense":
+        if value is not None and r["method"] != "dense" and not R.failed(r):
             by_method[r["method"]].append((r["flops"]["kept"], value))
     for method in sorted(by_method):
         pts = sorted(by_method[method])
@@ -140,38 +153,40 @@ def pareto_png(recs: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build(results: str | Path) -> Path:
-    """Rewrite ``<results>/LEADERBOARD.md`` and ``<results>/plots/*.png`` from the records."""
+    """Rewrite ``<results>/LEADERBOARD.md`` and ``<results>/plots/*.png`` from the records.
+
+    Only files the leaderboard wrote are replaced or deleted: a ``LEADERBOARD.md`` that does not
+    start with its heading is refused, and a plot is deleted only when the previous rebuild listed
+    it in ``plots/.tshrink-plots.json`` (a user's own figures there are left alone)."""
+    from tshrink.outputs import OutputError, write_bytes_atomic
+
     results = Path(results)
+    board = results / BOARD
+    if board.exists() and not board.read_bytes().startswith(HEADER.encode()):
+        raise OutputError(f"{board} was not written by `harness leaderboard` (it does not start with "
+                          f"{HEADER!r}); move it away or give another --results directory")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in R.load_records(results):
         groups[group_slug(rec)].append(rec)
-    parts = ["# Leaderboard", "",
+    parts = [HEADER, "",
              f"Rebuilt by `harness leaderboard` from the run records under `{R.RUNS}/` alone (do not edit by hand). "
              f"One section per task, model and settings.", ""]
-    written = set()
+    plots = results / PLOTS
+    listed = plots / PLOT_LIST
+    before = set(json.loads(listed.read_text())) if listed.is_file() else set()
+    written = []
     for slug in sorted(groups):
         plot = f"{PLOTS}/{slug}.png"
-        _write_atomic(results / plot, pareto_png(groups[slug]))
-        written.add(results / plot)
+        write_bytes_atomic(results / plot, pareto_png(groups[slug]))
+        written.append(f"{slug}.png")
         parts.append(render_group(groups[slug], plot=plot))
     if not groups:
         parts += ["(no records yet: run `harness compare`)", ""]
-    for stale in sorted((results / PLOTS).glob("*.png")) if (results / PLOTS).is_dir() else []:
-        if stale not in written:
-            stale.unlink()
-    board = results / BOARD
-    _write_atomic(board, "\n".join(parts).rstrip("\n").encode() + b"\n")
+    for stale in sorted(before - set(written)):
+        if "/" not in stale and stale.endswith(".png"):
+            (plots / stale).unlink(missing_ok=True)
+    if written or listed.exists():
+        write_bytes_atomic(listed, (json.dumps(written, indent=1) + "\n").encode())
+    write_bytes_atomic(board, "\n".join(parts).rstrip("\n").encode() + b"\n")
     return board

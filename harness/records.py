@@ -118,10 +118,32 @@ def record_path(results: str | Path, rec: dict[str, Any]) -> Path:
 
 
 def find_record(results: str | Path, task: str, model: str, key: str) -> dict[str, Any] | None:
+    """The finished record with ``key`` (a failed run's record is not: re-running retries it)."""
     folder = Path(results) / RUNS / slug(task) / model_tag(model)
     for file in sorted(folder.glob(f"*-{key}.json")):
-        return json.loads(file.read_text())
+        rec = json.loads(file.read_text())
+        if not failed(rec):
+            return rec
     return None
+
+
+def failed(rec: dict[str, Any]) -> bool:
+    return rec.get("status") == "failed"
+
+
+def failure(err: BaseException, where: str) -> dict[str, Any]:
+    """What a failed run's record says: the stage (``kind:name`` when the pipeline's StageError names
+    it, else the harness step: prune / evaluate / measure), plugin, error type, message, traceback."""
+    import traceback
+
+    kind, name = getattr(err, "kind", None), getattr(err, "stage", None)
+    stage = f"{kind}:{name}" if kind and name else where
+    cause = err.__cause__ if kind and err.__cause__ is not None else err
+    message = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
+    return {"stage": stage, "plugin": getattr(err, "plugin", None), "package": getattr(err, "package", None),
+            "error": type(cause).__name__, "message": str(err)[:4000],
+            "summary": f"{stage}: {type(cause).__name__}: {message}",
+            "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))[-8000:]}
 
 
 def write_record(results: str | Path, rec: dict[str, Any]) -> Path:

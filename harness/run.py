@@ -118,6 +118,9 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
         raise ValueError(f"method(s) {labelled} need labelled calibration data, which task {t.name!r} does not "
                          f"provide; use a task with a training split (e.g. --task sst2, --task pydocs)")
     seq = seq_len or overrides.get("seq_len") or t.seq_len
+    if t.model_kind == "causal" and seq < 2:
+        raise ValueError(f"--seq-len {seq} leaves no next-token target in a window (each window of a causal LM "
+                         f"predicts its last seq_len - 1 tokens); give at least 2")
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and seq > max_pos:
         raise ValueError(f"--seq-len {seq} exceeds model {model!r}'s max_position_embeddings={max_pos}")
@@ -144,6 +147,25 @@ def check_architecture(specs: list[Any], registry: Any, config: Any, model: str)
                          f"{', '.join(only) or '(none installed)'}")
 
 
+def build_calibration(plan: Plan, tokenizer: Any, *, seed: int, batch_size: int) -> Any:
+    """The task's calibration batches for ``plan`` (None when no method needs any).
+
+    When the data holds fewer examples / windows than ``--calib-samples`` asked for, says so on
+    stderr and records both figures (``requested`` in the calibration description)."""
+    import sys
+
+    if not plan.needs_calibration:
+        return None
+    calib = plan.task.calibration(tokenizer, samples=plan.calib_samples, seq_len=plan.seq_len, seed=seed,
+                                  batch_size=batch_size)
+    if calib.n_examples < plan.calib_samples:
+        calib.meta["requested"] = plan.calib_samples
+        print(f"harness: warning: --calib-samples {plan.calib_samples} asks for more than task {plan.task.name!r} "
+              f"provides at seq_len {plan.seq_len}: calibrating on {calib.n_examples} (recorded)",
+              file=sys.stderr, flush=True)
+    return calib
+
+
 def flops_or_none(model: Any, seq_len: int) -> int | None:
     """fvcore FLOPs, None for an architecture without an adapter (transform-only recipes)."""
     from tshrink.flops import measure_flops
@@ -156,20 +178,27 @@ def flops_or_none(model: Any, seq_len: int) -> int | None:
 
 def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, options: dict[str, Any],
                  calib_samples: int | None, seq_len: int | None, data_dir: str | None, device: str,
-                 seed: int, task: str | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Load, calibrate on the task's data, prune, count FLOPs (fvcore), save checkpoint + ``report.json``."""
-    from tshrink.checkpoint import save_pruned, write_json_atomic
-    from tshrink.models import load_model
+                 seed: int, task: str | None = None, batch_size: int = 8, overwrite: bool = False) -> dict[str, Any]:
+    """Load, calibrate on the task's data, prune, count FLOPs (fvcore), save checkpoint + ``report.json``.
+
+    ``output`` is checked before anything is loaded (:func:`tshrink.outputs.check_output_dir`): it must be
+    new, empty, or (with ``overwrite``) a checkpoint the toolkit wrote."""
+    from tshrink.checkpoint import MANIFEST, save_pruned
+    from tshrink.models import load_model, resolve_model
+    from tshrink.outputs import OutputError, check_output_dir
     from tshrink.pipeline import prune
 
     from .records import jsonable
 
+    check_output_dir(output, markers=(MANIFEST,), overwrite=overwrite, what="--output")
     plan = make_plan(methods=method, model=model, task=task, options=options,
                      data_dir=data_dir, device=device, seq_len=seq_len, calib_samples=calib_samples, eval_samples=None)
     spec, t = plan.specs[0], plan.task
+    where = Path(resolve_model(plan.model))
+    if where.is_dir() and where.resolve() == Path(output).expanduser().resolve():
+        raise OutputError(f"--output {output!r} is the input model's directory; write the pruned model elsewhere")
     net, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels)
-    calib = (t.calibration(tok, samples=plan.calib_samples, seq_len=plan.seq_len, seed=seed, batch_size=batch_size)
-             if plan.needs_calibration else None)
+    calib = build_calibration(plan, tok, seed=seed, batch_size=batch_size)
     fv_before = flops_or_none(net, plan.seq_len)
     start = time.perf_counter()
     result = prune(net, spec, budget, calib=calib, seq_len=plan.seq_len, options=plan.options[spec.name],
@@ -178,6 +207,6 @@ def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, 
     report["fvcore_flops_before"] = fv_before
     report["fvcore_flops_after"] = flops_or_none(net, plan.seq_len)
     report["data_dir"] = str(plan.data_dir) if plan.data_dir else None
-    save_pruned(net.to("cpu"), output, tokenizer=tok, info={"report": report}, compressed=result.compressed)
-    write_json_atomic(Path(output) / "report.json", report)
+    save_pruned(net.to("cpu"), output, tokenizer=tok, info={"report": report}, compressed=result.compressed,
+                files={"report.json": report}, overwrite=overwrite)
     return report

@@ -31,10 +31,21 @@ def test_leaderboard_is_reproducible_from_records(tmp_path, capsys, monkeypatch)
     shutil.copytree(results / "runs", copy / "runs")
     assert main(["leaderboard", "--results", str(copy)]) == 0
     assert _snapshot(copy) == first
-    # a stale plot of a group that no longer exists is removed
+    # a user's own figure under plots/ is never touched (it used to be deleted as "stale")
     (copy / "plots" / "old.png").write_bytes(b"x")
     assert main(["leaderboard", "--results", str(copy)]) == 0
-    assert _snapshot(copy) == first
+    assert _snapshot(copy) == {**first, (copy / "plots" / "old.png").relative_to(copy): b"x"}
+    # the plot of a group whose records are gone was the leaderboard's own: it is removed
+    shutil.rmtree(copy / "runs")
+    assert main(["leaderboard", "--results", str(copy)]) == 0
+    assert sorted(p.name for p in (copy / "plots").glob("*.png")) == ["old.png"]
+
+
+def test_leaderboard_refuses_a_board_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "LEADERBOARD.md").write_text("my notes\n")
+    assert main(["leaderboard", "--results", str(tmp_path)]) == 2
+    assert "was not written by `harness leaderboard`" in capsys.readouterr().err
+    assert (tmp_path / "LEADERBOARD.md").read_text() == "my notes\n"
 
 
 def test_empty_leaderboard(tmp_path, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def builtin_model_dir(name: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import atomic_dir
+    from .outputs import atomic_dir
 
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_file)
@@ -74,7 +75,7 @@ def builtin_model_dir(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, markers=("config.json",), overwrite=True, what="model cache") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return target
@@ -89,12 +90,43 @@ def resolve_model(spec: str) -> str:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model directory {spec!r} has no config.json")
         return str(path)
+    close = _close_local(spec)
     if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise FileNotFoundError(
-            f"model path {spec!r} does not exist; give a model directory, a Hugging Face hub id "
+            f"model path {spec!r} does not exist{close}; give a model directory, a Hugging Face hub id "
             f"(org/name), or a built-in name: {', '.join(BUILTIN_MODELS)}"
         )
+    if _hub_offline():
+        raise FileNotFoundError(f"model {spec!r} is not a local directory or a built-in "
+                                f"({', '.join(BUILTIN_MODELS)}){close}, and the Hugging Face hub is switched off "
+                                f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)")
+    if spec not in _ANNOUNCED:  # say so at once, before the hub client's retries
+        _ANNOUNCED.add(spec)
+        print(f"tshrink: model {spec!r} is not a local directory or a built-in ({', '.join(BUILTIN_MODELS)})"
+              f"{close}; trying the Hugging Face hub", file=sys.stderr, flush=True)
     return spec  # a hub id: from_pretrained fetches it when online
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _close_local(spec: str) -> str:
+    """' (did you mean ...?)' naming local directories or built-ins close to ``spec``, or ''."""
+    import difflib
+
+    parent = Path(spec).expanduser().parent
+    try:
+        local = [str(parent / p.name) if str(parent) != "." else p.name
+                 for p in parent.iterdir() if p.is_dir() and (p / "config.json").exists()]
+    except OSError:
+        local = []
+    close = difflib.get_close_matches(spec, local + list(BUILTIN_MODELS), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _auto_class(head: str, config: Any) -> Any:
@@ -102,8 +134,12 @@ def _auto_class(head: str, config: Any) -> Any:
 
     if head not in HEADS:
         raise ValueError(f"model head {head!r} is not one of {HEADS}")
-    if head == "base":
+    if head == "base":  # the class the checkpoint was saved as: its task head is kept
+        from .checkpoint import allowed_architectures
+
         archs = config.architectures or []
+        if archs and archs[0] in allowed_architectures(getattr(config, "model_type", None)):
+            return getattr(transformers, archs[0])
         if any(a.endswith("ForCausalLM") for a in archs):
             return transformers.AutoModelForCausalLM
         return transformers.AutoModel
@@ -144,7 +180,16 @@ def load_model(spec: str, *, head: str = "base", num_labels: int | None = None,
             kwargs["num_labels"] = num_labels
         if dtype is not None:
             kwargs["dtype"] = dtype
-        model = _auto_class(head, config).from_pretrained(where, **kwargs)
+        cls = _auto_class(head, config)
+        try:
+            model = cls.from_pretrained(where, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a damaged local file is the user's to fix, not a bug
+            from safetensors import SafetensorError
+
+            if not (Path(where).is_dir() and isinstance(err, (SafetensorError, EOFError))):
+                raise
+            raise ValueError(f"model {spec!r}: cannot read its weights in {where} ({type(err).__name__}: {err}); "
+                             f"the files are damaged or truncated") from None
     if tokenizer is None:
         raise FileNotFoundError(f"model {spec!r} has no tokenizer: {tok_error}")
     if tokenizer.pad_token is None:

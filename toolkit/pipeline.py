@@ -129,8 +129,13 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
           calib: CalibrationData | None = None, seq_len: int | None = None,
           options: dict[str, Any] | None = None, pm: pluggy.PluginManager | None = None,
           device: str | torch.device | None = None, seed: int = 0, progress: bool = False,
-          scores: UnitScores | None = None) -> PruneResult:
-    """Compress ``model`` in place with ``method`` (a registered name or a recipe string).
+          scores: UnitScores | None = None, copy: bool = False) -> PruneResult:
+    """Compress ``model`` with ``method`` (a registered name or a recipe string).
+
+    copy: False (the default) compresses ``model`` itself, in place: no second copy of the
+        weights, which is what a 7B-70B model needs, but a stage that fails half-way leaves
+        ``model`` partly modified. True compresses a deep copy (``result.model``) and leaves
+        ``model`` untouched, whether the method succeeds or fails.
 
     budget: fraction of the transformer layers' FLOPs to keep, in (0, 1].
     seq_len: sequence length of the cost model (default: the calibration data's, else 128).
@@ -139,6 +144,10 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         dense model with the same calibration data, seed and score options (``result.scores``);
         the score stage is then skipped. Scores do not depend on the budget (hook contract).
     """
+    if copy:
+        import copy as copying
+
+        model = copying.deepcopy(model)
     if pm is None:
         from .manager import get_plugin_manager
 

@@ -209,7 +209,8 @@ class EmbeddingTask(Task):
         with torch.no_grad():
             for b in data.batches:
                 mask = b["attention_mask"].to(device)  # (batch, seq)
-                h = model(**{k: v.to(device) for k, v in b.items()})[0]  # (batch, seq, hidden)
+                backbone = getattr(model, "base_model", model)  # a classifier's head is kept, not evaluated
+                h = backbone(**{k: v.to(device) for k, v in b.items()})[0]  # (batch, seq, hidden)
                 out.append((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         return out
 

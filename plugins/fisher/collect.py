@@ -83,6 +83,10 @@ def collect_mask_grads(
                     if loss is None:
                         raise ValueError(f"{type(model).__name__} returned no loss for calibration batch "
                                          f"{index}; give a model with a task head (classification, LM)")
+                    if not torch.isfinite(loss):  # e.g. windows of one token: no next-token target at all
+                        raise ValueError(f"the task loss of calibration batch {index} from {calib.source!r} is "
+                                         f"{loss.item()}: no usable targets (a causal LM needs windows of at least "
+                                         f"2 tokens); Fisher scores need a finite loss")
                     grads = torch.autograd.grad(loss, masks, allow_unused=True)
                     for row, g, m in zip(rows, grads, masks):
                         row.append((torch.zeros_like(m) if g is None else g).detach().float().cpu())
