@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,15 +246,19 @@ class Registry:
     def source(self, method: str) -> Source:
         return self.method_sources.get(method, Source("-", "-", "-"))
 
-    def warn_problems(self) -> None:
+    def warn_problems(self, emit: Callable[[str], None] | None = None) -> None:
         """Emit one :class:`tshrink.errors.PluginProblem` warning per problem and plugin manager
-        (commands other than ``harness plugins``, which lists them)."""
+        (commands other than ``harness plugins``, which lists them); ``emit(text)`` instead of
+        a warning (the harness prints ``harness: warning: ...``)."""
         warned = self.pm.__dict__.setdefault("tshrink_warned", set())  # once per plugin manager
         for p in self.problems:
             if p in warned:
                 continue
             warned.add(p)
             where = f"{p.plugin}, {p.package}" if p.package != "-" else p.plugin
+            if emit is not None:
+                emit(f"plugin problem ({where}): {p.error}")
+                continue
             warnings.warn(f"tshrink plugin problem ({where}): {p.error}", PluginProblem,
                           stacklevel=2)
 
