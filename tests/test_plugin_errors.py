@@ -271,6 +271,7 @@ def test_duplicate_method_names_set_both_aside():
                        r"'Twin'.*--block Twin"):
         reg.method("magnitude")
     assert "magnitude-uniform" in reg.methods
+    assert [p.plugin for p in reg.problems] == ["magnitude", "Twin"]
 
 
 def test_restore_goes_to_the_plugin_that_declared_the_transform(tmp_path):

@@ -148,8 +148,10 @@ class Registry:
         for name, decls in seen.items():
             if len(decls) > 1:
                 who = " and ".join(str(src) for _, src in decls)
-                self.unavailable[name] = (f"method {name!r} is declared by both {who}; neither is used: "
-                                          + BLOCK_HINT.replace("NAME", decls[-1][1].plugin))
+                reason = (f"method {name!r} is declared by both {who}; neither is used: "
+                          + BLOCK_HINT.replace("NAME", decls[-1][1].plugin))
+                self.unavailable[name] = reason
+                self.problems += [Problem(src.plugin, src.dist, reason) for _, src in decls]
                 continue
             decl, src = decls[0]
             self.method_sources[name] = src
@@ -157,12 +159,9 @@ class Registry:
                 self._check_method(decl)
             except ValueError as err:
                 self.unavailable[name] = f"method {name!r} of plugin {src}: {err}"
+                self.problems.append(Problem(src.plugin, src.dist, self.unavailable[name]))
                 continue
             self.methods[name] = decl
-        for name, reason in self.unavailable.items():
-            src = self.method_sources.get(name)
-            self.problems.append(Problem(src.plugin if src else "-", src.dist if src else "-",
-                                         reason))
 
     def _check_method(self, method: MethodSpec) -> None:
         """Raise ValueError if the recipe's stages are unknown, its stages' options clash, or
