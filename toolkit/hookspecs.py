@@ -117,5 +117,6 @@ def tshrink_transform(
 @hookspec(firstresult=True)
 def tshrink_restore(name: str, model: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> "bool | None":
     """Load a compact form written by this plugin's ``tshrink_transform`` back into ``model``
-    (dequantised weights in place). Return ``None`` if ``name`` is not yours, else ``True``.
+    (dequantised weights in place). Called only on the plugin that declared transform stage
+    ``name``; return ``True`` once restored.
     """
