@@ -55,6 +55,14 @@ def _pricing(text: str) -> str | int:
         raise SystemExit(f"harness: error: {err}") from None
 
 
+def _block(args: argparse.Namespace) -> None:
+    """--block NAME on prune / compare: the same as TSHRINK_BLOCK_PLUGINS=NAME for this run."""
+    from tshrink.manager import ENV_BLOCK
+
+    if getattr(args, "block", None):
+        os.environ[ENV_BLOCK] = ",".join(filter(None, [os.environ.get(ENV_BLOCK, ""), *args.block]))
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -62,10 +70,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from tshrink.registry import Registry
 
     reg = Registry(get_plugin_manager(autoload=not args.no_autoload, block=args.block or ()))
+    rows, problems = reg.rows(), [p.row() for p in reg.problems]
     if args.json:
-        print(json.dumps(reg.rows(), indent=2))
+        print(json.dumps({"methods": rows, "problems": problems}, indent=2))
         return 0
-    print(tabulate(reg.rows(), headers="keys", tablefmt="github"))
+    table = [{k: (v + " *" if k == "method" and r["headline"] else v) for k, v in r.items() if k != "headline"}
+             for r in rows]
+    print(tabulate(table, headers="keys", tablefmt="github"))
+    print("\n* headline method: `harness compare` runs it when no --methods are given")
     if args.options:
         for name in sorted(reg.methods):
             opts = reg.options(reg.methods[name])
@@ -73,6 +85,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 print(f"\n{name}:")
                 for o in opts.values():
                     print(f"  --opt {o.name}={o.default!r}  {o.help}")
+    if problems:
+        print(f"\n{len(problems)} problem(s): these plugins or methods are not usable (the others are):")
+        print(tabulate(problems, headers="keys", tablefmt="github"))
     return 0
 
 
@@ -91,6 +106,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .run import prune_to_dir
 
+    _block(args)
     report = prune_to_dir(model=args.model, method=args.method, budget=_budgets(args.flops)[0],
                           output=args.output, options=_opts(args.opt), calib_samples=args.calib_samples,
                           seq_len=args.seq_len, data_dir=args.data_dir, device=args.device, seed=args.seed,
@@ -108,6 +124,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from .records import failed
 
+    _block(args)
     budgets = _budgets(args.flops)
     reference = None if args.reference.lower() == "none" else args.reference
     if args.executor != "ray" and (args.address is not None or args.gpus_per_run or args.cpus_per_run != 1):
@@ -179,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-dir", default=None, help="local data directory (default $TSHRINK_DATA_DIR)")
         s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--block", action="append", metavar="NAME", help="plugin (entry-point) name not to load "
+                       "(e.g. a broken third-party plugin); repeatable; also TSHRINK_BLOCK_PLUGINS")
 
     s = sub.add_parser("prune", help="prune one model and write the checkpoint and a JSON report")
     s.add_argument("--method", required=True, help="method name or recipe 'score=..,select=..,correct=..'")

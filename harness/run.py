@@ -2,6 +2,7 @@
 and ``harness prune``'s prune-to-directory."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,8 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
 
     pm = pm or get_plugin_manager()
     reg = Registry(pm)
+    # plugins that failed to load or clash: one line each (once per plugin manager), the rest runs
+    reg.warn_problems(emit=lambda text: print(f"harness: warning: {text}", file=sys.stderr))
     specs = [reg.method(n) for n in split_methods(methods, reg)]  # "did you mean" on unknown names
     known = {name for spec in specs for name in reg.options(spec)}
     unknown = sorted(set(options) - known)

@@ -3,86 +3,69 @@
 On a tiny encoder and a tiny GQA decoder: the method runs through :func:`tshrink.prune`,
 meets its FLOPs budget, leaves a model that runs, and saves/reloads to identical outputs.
 New plugins are picked up automatically (entry points), so this file never names a method.
+The clauses live in :mod:`tshrink.testing`, so a plugin repository runs exactly these
+(``check_method(name)``).
 """
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import tiny_batches, tiny_model
-from tshrink.checkpoint import load_pruned, save_pruned
 from tshrink.manager import get_plugin_manager
-from tshrink.pipeline import prune
 from tshrink.registry import Registry
+from tshrink.testing import check_deterministic, check_method, check_needs, check_prune, check_scores_reuse
 
-REGISTRY = Registry(get_plugin_manager())
+PM = get_plugin_manager()
+REGISTRY = Registry(PM)
 METHODS = sorted(REGISTRY.methods)
-
-
-def _setup(family: str, needs: dict[str, bool]):
-    causal = family == "llama"
-    model = tiny_model(family, head="causal-lm" if causal else "sequence-classification")
-    calib = tiny_batches(family, labels=("lm" if causal else "class"))
-    return model, calib
+PRUNING = [m for m in METHODS if REGISTRY.method(m).recipe.prunes]
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("method", METHODS)
 def test_method_contract(method, family, tmp_path):
-    spec = REGISTRY.method(method)
-    model, calib = _setup(family, REGISTRY.needs(spec.recipe))
-    batch = calib.batches[0]
-    result = prune(model, method, 0.6, calib=calib, seed=0)
-    rep = result.report
-    if spec.recipe.prunes:
-        assert rep["flops_kept"] <= 0.6 + 1e-9, rep["flops_kept"]
-        assert rep["flops_kept"] > 0.3  # a selector should use its budget, not throw it away
-        assert rep["params_after"] < rep["params_before"]
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert torch.isfinite(out).all()
-    save_pruned(model, tmp_path / "m", compressed=result.compressed, info={"report": rep})
-    again = load_pruned(tmp_path / "m")
-    with torch.no_grad():
-        out2 = again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-6)
+    check_prune(method, family, pm=PM, tmp_dir=tmp_path)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_is_deterministic(method):
-    outs = []
-    for _ in range(2):
-        model, calib = _setup("llama", {})
-        prune(model, method, 0.7, calib=calib, seed=3)
-        with torch.no_grad():
-            outs.append(model(input_ids=calib.batches[0]["input_ids"]).logits)
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-
-
-PRUNING = [m for m in METHODS if REGISTRY.method(m).recipe.prunes]
+    check_deterministic(method, pm=PM)
 
 
 @pytest.mark.parametrize("method", PRUNING)
 def test_scores_do_not_depend_on_the_budget(method):
     """The score hook's contract: scores from a run at one budget, reused at another, give
     exactly the model a fresh run gives (``harness compare`` scores once per method)."""
-    model, calib = _setup("llama", {})
-    first = prune(model, method, 0.8, calib=calib, seed=3)
-    assert first.scores is not None
-    outs = []
-    for scores in (None, first.scores):
-        model, _ = _setup("llama", {})
-        res = prune(model, method, 0.6, calib=calib, seed=3, scores=scores)
-        assert res.report["stages"].get("score_reused", False) is (scores is not None)
-        with torch.no_grad():
-            outs.append(model(input_ids=calib.batches[0]["input_ids"]).logits)
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    check_scores_reuse(method, pm=PM)
 
 
-def test_missing_calibration_and_labels_are_errors():
-    needing = [m for m in METHODS if REGISTRY.needs(REGISTRY.method(m).recipe)["calibration"]]
-    if not needing:
-        pytest.skip("no registered method needs calibration data")
-    model = tiny_model("bert", head="sequence-classification")
-    with pytest.raises(ValueError, match="needs calibration data"):
-        prune(model, needing[0], 0.5, calib=None)
+@pytest.mark.parametrize("method", METHODS)
+def test_missing_calibration_is_an_error(method):
+    check_needs(method, pm=PM)
+
+
+def test_check_method_catches_a_budget_dependent_score(tmp_path):
+    """The kit itself: a score stage that reads ctx.budget fails the contract, by name."""
+    from tshrink import hookimpl
+    from tshrink.spec import MethodSpec, Recipe, StageSpec
+    from tshrink.units import UnitScores
+
+    class Cheat:
+        @hookimpl
+        def tshrink_stages(self):
+            return [StageSpec("score", "cheat")]
+
+        @hookimpl
+        def tshrink_methods(self):
+            return [MethodSpec("cheat", Recipe(score="cheat", select="global"))]
+
+        @hookimpl
+        def tshrink_score(self, name, ctx, options):
+            import torch
+
+            g = torch.Generator().manual_seed(int(ctx.budget * 100))  # depends on the budget: forbidden
+            return UnitScores([torch.rand(n, generator=g) for n in ctx.adapter.head_counts()],
+                              [torch.rand(n, generator=g) for n in ctx.adapter.neuron_counts()])
+
+    check_prune("cheat", "llama", plugins=[Cheat()], tmp_dir=tmp_path)  # the other clauses hold
+    with pytest.raises(AssertionError, match=r"method 'cheat' breaks the tshrink contract: score reuse"):
+        check_method("cheat", plugins=[Cheat()])

@@ -120,6 +120,10 @@ def test_labels_needed_but_task_has_none(tmp_path, capsys, monkeypatch):
         def tshrink_methods(self):
             return [MethodSpec("needs-labels-test", Recipe(score="needs-labels-test", select="global"))]
 
+        @hookimpl
+        def tshrink_score(self, name, ctx, options):
+            raise AssertionError("never reached: the labels are checked first")
+
     forbid_model_loading(monkeypatch)
     pm = get_plugin_manager(plugins=[NeedsLabels()])
     bert = tiny_bert_dir(tmp_path, head="base")

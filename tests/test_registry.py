@@ -37,6 +37,10 @@ def test_blocked_dependency_sets_dependent_method_aside():
         def tshrink_methods(self):
             return [MethodSpec("mine", Recipe(score="mine", select="global"))]
 
+        @hookimpl
+        def tshrink_score(self, name, ctx, options):
+            return None
+
     ok = Registry(get_plugin_manager(autoload=False, plugins=[magnitude, Dependent()]))
     assert "mine" in ok.methods
     reg = Registry(get_plugin_manager(autoload=False, plugins=[Dependent()]))
@@ -78,14 +82,26 @@ def test_recipe_parse_roundtrip_and_errors():
         Recipe(correct=("stat",))
 
 
-def test_duplicate_stage_names_are_rejected():
+def test_duplicate_stage_sets_aside_only_that_stage():
     class Clash:
         @hookimpl
         def tshrink_stages(self):
             return [StageSpec("score", "magnitude")]
 
-    with pytest.raises(ValueError, match="score stage 'magnitude' declared by both"):
-        Registry(get_plugin_manager(plugins=[Clash()]))
+        @hookimpl
+        def tshrink_score(self, name, ctx, options):
+            return None
+
+    reg = Registry(get_plugin_manager(plugins=[Clash()]))
+    # the methods using the clashing stage are set aside with both plugins named ...
+    assert "magnitude" not in reg.methods and "magnitude-uniform" not in reg.methods
+    with pytest.raises(ValueError, match=r"score stage 'magnitude' is declared by both 'magnitude' \(tshrink .*\) "
+                       r"and 'Clash'.*--block Clash"):
+        reg.method("magnitude")
+    # ... and every other method still works, the clashing plugins' other stages included
+    assert {"stat", "fisher", "magnitude-unstructured"} <= set(reg.methods)
+    assert ("select", "global") in reg.stages
+    assert [p.plugin for p in reg.problems if p.error.startswith("score stage")] == ["magnitude", "Clash"]
 
 
 def test_method_using_undeclared_stage_is_rejected():

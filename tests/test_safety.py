@@ -409,7 +409,8 @@ def test_compare_records_a_failing_method_and_goes_on(tmp_path, monkeypatch, cap
     monkeypatch.delenv("TSHRINK_DATA_DIR", raising=False)
     monkeypatch.setattr(Saboteur, "broken", True)
     real = tshrink.manager.get_plugin_manager
-    monkeypatch.setattr(tshrink.manager, "get_plugin_manager", lambda **kw: real(plugins=[Saboteur()], **kw))
+    monkeypatch.setattr(tshrink.manager, "get_plugin_manager",
+                        lambda plugins=(), **kw: real(plugins=[Saboteur(), *plugins], **kw))
     model, results = tiny_llama_dir(tmp_path), tmp_path / "r"
     argv = ["compare", "--model", str(model), "--methods", "sabotaged,magnitude", "--flops", "0.7,0.5",
             "--seq-len", "32", "--calib-samples", "2", "--results", str(results), *QUICK]

@@ -246,12 +246,19 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
     if manifest["transforms"]:
         from .manager import get_plugin_manager
 
+        from .registry import Registry
+
         flat = _load_file(path / COMPRESSED)
-        pm = pm or get_plugin_manager()
+        registry = Registry(pm or get_plugin_manager())
         for entry in manifest["transforms"]:
             stage = entry["stage"]
             tensors = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(stage + "/")}
-            if not pm.hook.tshrink_restore(name=stage, model=model, tensors=tensors, meta=entry.get("meta", {})):
-                raise ValueError(f"{path}: no installed plugin restores transform stage {stage!r}")
+            if ("transform", stage) not in registry.stages:
+                raise ValueError(f"{path}: no loaded plugin declares transform stage {stage!r}, whose compact "
+                                 "form this checkpoint holds (install or unblock the plugin that wrote it)")
+            restore = registry.stage_hook("transform", stage, hook="tshrink_restore")  # its owner only
+            if not restore(name=stage, model=model, tensors=tensors, meta=entry.get("meta", {})):
+                raise ValueError(f"{path}: plugin {registry.stage_sources[('transform', stage)]} declares transform "
+                                 f"stage {stage!r} but its tshrink_restore did not restore it")
     model.eval()
     return model

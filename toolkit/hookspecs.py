@@ -1,9 +1,16 @@
 """Hook specifications: the contract between the host and a compression method.
 
-A method is split into stages. Each *stage hook* is ``firstresult``: the host calls it with
-the stage's ``name``; an implementation that does not own that name returns ``None`` so the
-call passes to the next plugin. A stage name therefore belongs to exactly one plugin, which
-declares it through :func:`tshrink_stages`.
+A method is split into stages. A stage name belongs to exactly one plugin, which declares it
+through :func:`tshrink_stages` and implements the matching *stage hook*. The host calls each
+stage hook on the plugin that declared the stage only (the registry knows it), with the
+stage's ``name`` and the stage's own options; returning ``None`` there is an error ("returned
+None for its own stage"). Checking ``name`` first (and returning ``None`` for names that are
+not yours) is still good practice: it keeps a plugin correct under a plain ``pm.hook`` call.
+
+Whatever goes wrong inside a stage call (an exception, a wrong return type, wrong shapes, a
+selection over the budget) reaches the caller as one :class:`tshrink.errors.StageError`
+naming the stage, plugin, package and version, method and budget; the plugin's exception is
+its ``__cause__``.
 
 Execution order for one prune (see :mod:`tshrink.pipeline`)::
 
@@ -110,5 +117,6 @@ def tshrink_transform(
 @hookspec(firstresult=True)
 def tshrink_restore(name: str, model: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> "bool | None":
     """Load a compact form written by this plugin's ``tshrink_transform`` back into ``model``
-    (dequantised weights in place). Return ``None`` if ``name`` is not yours, else ``True``.
+    (dequantised weights in place). Called only on the plugin that declared transform stage
+    ``name``; return ``True`` once restored.
     """

@@ -7,8 +7,10 @@ the stage hooks by stage name; the plugin that declared a stage answers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 import torch
@@ -18,10 +20,15 @@ from .arch.base import Adapter
 from .arch.families import get_adapter
 from .calibration import CalibrationData
 from .cost import CostModel, check_budget
-from .registry import Registry
+from . import __version__
+from .errors import StageError, stage_error
+from .progress import tracked
+from .registry import Registry, Source
 from .spec import MethodSpec
 from .surgery import apply_selection
 from .units import Selection, TransformResult, UnitScores
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +47,16 @@ class PruneContext:
     report: dict[str, Any] = field(default_factory=dict)
     #: objects a stage hands to a later stage of the same prune (e.g. a teacher mask); not recorded
     scratch: dict[str, Any] = field(default_factory=dict)
+    stage: str = ""  # "kind:name" of the stage running now (set by the host)
+
+    def track(self, iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterable[T]:
+        """``iterable`` with a progress bar (count, rate, ETA) labelled by the running stage when
+        ``progress`` is on (``harness`` sets it), else unchanged. Use it for every long loop:
+        ``for layer in ctx.track(range(n), desc="layers"): ...``; pass ``ctx.track`` to helpers
+        that take a ``track`` argument (:mod:`tshrink.progress`)."""
+        if not self.progress:
+            return iterable
+        return tracked(iterable, desc=f"{self.stage} {desc}".strip(), total=total)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A seeded CPU generator (stages draw their randomness from it)."""
@@ -55,17 +72,59 @@ class PruneResult:
     scores: UnitScores | None = None  # the score stage's output (reusable for other budgets)
 
 
-def _call(hook: Any, kind: str, name: str, **kwargs: Any) -> Any:
-    out = hook(name=name, **kwargs)
-    if out is None:
-        raise RuntimeError(f"{kind} stage {name!r} is declared but no registered plugin implements it")
-    return out
+_RETURNS = {"score": UnitScores, "select": Selection, "refine": Selection, "correct": Selection,
+            "transform": TransformResult}
 
 
-def _check_budget(ctx: PruneContext, sel: Selection, after: str) -> None:
+class _Stages:
+    """Calls each stage on the plugin that declared it; every failure becomes a StageError."""
+
+    def __init__(self, registry: Registry, method: MethodSpec, ctx: PruneContext, opts: dict[str, Any]) -> None:
+        self.registry, self.method, self.ctx, self.opts = registry, method, ctx, opts
+
+    def error(self, kind: str, name: str, reason: str, cause: BaseException | None = None) -> StageError:
+        src = self.registry.stage_sources.get((kind, name)) or Source("tshrink", "tshrink", __version__)
+        return stage_error(reason, cause, kind=kind, stage=name, plugin=src.plugin, package=src.package,
+                           version=src.version, method=self.method.name, budget=self.ctx.budget)
+
+    @contextmanager
+    def guard(self, kind: str, name: str) -> Iterator[None]:
+        """Any exception inside becomes a StageError naming the stage (original as __cause__)."""
+        try:
+            yield
+        except StageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised with its source named
+            raise self.error(kind, name, f"{type(err).__name__}: {err}", err) from err
+
+    def __call__(self, kind: str, name: str, check: Callable[[Any], None] | None = None, **kwargs: Any) -> Any:
+        want = _RETURNS[kind]
+        self.ctx.stage = f"{kind}:{name}"
+        try:
+            with self.guard(kind, name):
+                hook = self.registry.stage_hook(kind, name)
+                opts = self.registry.stage_options(kind, name, self.opts)
+                out = hook(name=name, ctx=self.ctx, options=opts, **kwargs)
+            if out is None:
+                raise self.error(kind, name, f"returned None for its own {kind} stage {name!r}: tshrink_{kind} must "
+                                             f"return a {want.__name__} when called with name={name!r}")
+            if not isinstance(out, want):
+                raise self.error(kind, name, f"returned a {type(out).__name__}, expected a {want.__name__}")
+            if check is not None:
+                try:
+                    check(out)
+                except Exception as err:  # noqa: BLE001 - e.g. lists where tensors belong
+                    detail = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+                    raise self.error(kind, name, f"its {want.__name__} fails the host's check: {detail}") from err
+        finally:
+            self.ctx.stage = ""
+        return out
+
+
+def _check_budget(ctx: PruneContext, sel: Selection) -> None:
     frac = ctx.cost.fraction(sel)
     if frac > ctx.budget + 1e-9:
-        raise RuntimeError(f"{after} kept {frac:.4f} of the FLOPs, over the budget {ctx.budget}")
+        raise ValueError(f"it keeps {frac:.4f} of the FLOPs, over the budget {ctx.budget}")
 
 
 def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
@@ -96,6 +155,7 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
 
         pm = get_plugin_manager()
     registry = Registry(pm)
+    registry.warn_problems()
     spec = method if isinstance(method, MethodSpec) else registry.method(method)
     opts = registry.resolve_options(spec, options or {})
     budget = check_budget(budget)
@@ -119,52 +179,56 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     cost = CostModel(adapter, seq) if adapter is not None else None
     ctx = PruneContext(model, adapter, cost, budget, calib, dev, seed, pm, progress)
     torch.manual_seed(seed)
-    hook = pm.hook
+    stage = _Stages(registry, spec, ctx, opts)
     counts = (adapter.head_counts(), adapter.neuron_counts()) if adapter is not None else ([], [])
     params_before = sum(p.numel() for p in model.parameters())
     timings: dict[str, float] = {}
     start = time.perf_counter()
     selection = None
-    # a select stage priced in FLOPs is checked here; one with its own budget (latency) checks itself
+    # a select stage priced in FLOPs is checked here
     flops_budget = recipe.prunes and registry.stage("select", recipe.select).budget == "flops"
     if recipe.prunes:
+        def fits(sel: Selection) -> None:  # valid indices, within the budget
+            sel.check(*counts)
+            if flops_budget:  # a select stage with its own budget (latency) checks it itself
+                _check_budget(ctx, sel)
+
         t = time.perf_counter()
         if scores is None:
-            scores = _call(hook.tshrink_score, "score", recipe.score, ctx=ctx, options=opts)
+            scores = stage("score", recipe.score, check=lambda s: s.check(*counts))
         else:
             ctx.report["score_reused"] = True
-        scores.check(*counts)
+            with stage.guard("score", recipe.score):
+                scores.check(*counts)
         timings[f"score:{recipe.score}"] = time.perf_counter() - t
         t = time.perf_counter()
-        selection = _call(hook.tshrink_select, "select", recipe.select, ctx=ctx, scores=scores, options=opts)
-        selection.check(*counts)
-        if flops_budget:
-            _check_budget(ctx, selection, f"select stage {recipe.select!r}")
+        selection = stage("select", recipe.select, check=fits, scores=scores)
         timings[f"select:{recipe.select}"] = time.perf_counter() - t
         for name in recipe.refine:
             t = time.perf_counter()
-            selection = _call(hook.tshrink_refine, "refine", name, ctx=ctx, scores=scores, selection=selection, options=opts)
-            selection.check(*counts)
-            if flops_budget:
-                _check_budget(ctx, selection, f"refine stage {name!r}")
+            selection = stage("refine", name, check=fits, scores=scores, selection=selection)
             timings[f"refine:{name}"] = time.perf_counter() - t
         for name in recipe.correct:
             t = time.perf_counter()
             widths = selection.widths()
-            selection = _call(hook.tshrink_correct, "correct", name, ctx=ctx, selection=selection, options=opts)
-            selection.check(*counts)
-            new = selection.widths()
-            if any(a > b for k in widths for a, b in zip(new[k], widths[k])):
-                raise RuntimeError(f"correct stage {name!r} widened a layer: {widths} -> {new}")
+
+            def narrower(sel: Selection, widths: dict[str, list[int]] = widths) -> None:
+                sel.check(*counts)
+                new = sel.widths()
+                if any(a > b for k in widths for a, b in zip(new[k], widths[k])):
+                    raise ValueError(f"a correct stage may only narrow layers; it widened them: {widths} -> {new}")
+
+            selection = stage("correct", name, check=narrower, selection=selection)
             timings[f"correct:{name}"] = time.perf_counter() - t
         t = time.perf_counter()
-        apply_selection(adapter, selection)
+        with stage.guard("remove", "remove"):
+            apply_selection(adapter, selection)
         timings["remove"] = time.perf_counter() - t
     compressed: dict[str, dict[str, Any]] = {}
     transform_reports = {}
     for name in recipe.transform:
         t = time.perf_counter()
-        res: TransformResult = _call(hook.tshrink_transform, "transform", name, ctx=ctx, options=opts)
+        res: TransformResult = stage("transform", name)
         if res.tensors:
             compressed[name] = {"tensors": res.tensors, "meta": res.meta}
         transform_reports[name] = res.report

@@ -32,6 +32,7 @@ from torch import Tensor
 from tshrink.arch.base import Adapter
 from tshrink.calibration import Batch, CalibrationData, model_inputs, to_device
 from tshrink.masking import soft_masks
+from tshrink.progress import Track, untracked
 
 
 def _pad_to(x: Tensor, seq: int, value: int) -> Tensor:
@@ -87,6 +88,7 @@ def collect_mask_grads(
     *,
     device: torch.device | str | None = None,
     grad_batch_size: int = 0,
+    track: Track = untracked,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per-batch gradients of the task loss w.r.t. unit masks at 1.
 
@@ -110,7 +112,7 @@ def collect_mask_grads(
         for p in params:
             p.requires_grad_(False)
         with soft_masks(adapter, heads, neurons):
-            for index, batch in enumerate(calib.batches):
+            for index, batch in enumerate(track(calib.batches, desc="gradient batches")):
                 if "labels" not in batch:
                     raise ValueError(f"calibration batch {index} from {calib.source!r} has no 'labels': "
                                      "Fisher scores need the task loss (class ids, regression targets or "

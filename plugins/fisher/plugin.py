@@ -109,7 +109,8 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
 
     kind = published.task_kind(ctx.model, ctx.adapter.causal)
     size = grad_batch_size(options["fisher_grad_batch_size"], kind)
-    head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device, grad_batch_size=size)
+    head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device, grad_batch_size=size,
+                                                  track=ctx.track)
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
                             "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"]}
     published.record(ctx.report, kind, {"calibration_examples": ctx.calib.n_examples,
@@ -215,7 +216,8 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
         raise ValueError(f"fisher_tune_cls_only='yes' needs a sequence classifier of a family that pools the first "
                          f"token ({sorted(CLS_FAMILIES)}); got {type(ctx.model).__name__}: use 'auto' or 'no'")
     result = tune_masks(ctx.adapter, ctx.calib, selection, damp=float(options["fisher_damp"]),
-                        bounds=(-bound, bound), device=ctx.device, teacher=teacher, cls_only=cls_only)
+                        bounds=(-bound, bound), device=ctx.device, teacher=teacher, cls_only=cls_only,
+                        track=ctx.track)
     fold_scales(ctx.adapter, selection, result.heads, result.neurons)
     n = max(len(result.stats), 1)
     ctx.report["fisher-tune"] = {

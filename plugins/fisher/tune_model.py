@@ -56,6 +56,7 @@ from torch import Tensor
 
 from tshrink.arch.base import Adapter
 from tshrink.calibration import CalibrationData, LayerStream
+from tshrink.progress import Track, untracked
 from tshrink.masking import soft_masks
 from tshrink.units import Selection
 
@@ -154,6 +155,7 @@ def tune_masks(
     device: torch.device | str | None = None,
     teacher: Selection | None = None,
     cls_only: bool = False,
+    track: Track = untracked,
 ) -> TuneResult:
     """Tuned real masks for ``selection`` (see the module docstring); the model is not changed.
 
@@ -181,7 +183,7 @@ def tune_masks(
     teacher = LayerStream(adapter, calib, device=dev)  # from here on, the teacher's stream
     student = LayerStream(adapter, calib, device=dev)
     stats: list[dict[str, Any]] = []
-    for layer in range(adapter.num_layers):
+    for layer in track(range(adapter.num_layers), desc="layers"):
         attn, mlp = adapter.attn(layer), adapter.mlp(layer)
 
         # -- teacher: targets (projection output + residual - bias), real tokens, per batch

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tshrink.calibration import CalibrationData, model_inputs, to_device
+from tshrink.progress import Track, untracked
 from tshrink.units import TransformResult
 from tshrink_plugins.quant.binarize import BSFlex, binarize_fixed
 from tshrink_plugins.quant.kmeans import KMeansResult, codebook_gradient, kmeans_quantize
@@ -97,7 +98,7 @@ class Objective:
 
 
 def train(model: nn.Module, weights: list[Tensor], objective: Objective, steps: int,
-          update: Callable[[list[Tensor]], None]) -> dict[str, Any]:
+          update: Callable[[list[Tensor]], None], track: Track = untracked) -> dict[str, Any]:
     """``steps`` times: loss -> dL/dW for ``weights`` -> ``update(grads)`` (steps the stage's
     parameters and writes the new weights). Only ``weights`` require grad meanwhile."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -108,7 +109,7 @@ def train(model: nn.Module, weights: list[Tensor], objective: Objective, steps: 
         for w in weights:
             w.requires_grad_(True)
         with torch.enable_grad():
-            for step in range(steps):
+            for step in track(range(steps), desc="recovery steps"):
                 grads = torch.autograd.grad(objective(step), weights)
                 update(list(grads))
     finally:
@@ -202,14 +203,14 @@ def _prepare(model: nn.Module, options: dict[str, Any], calib: CalibrationData |
 
 
 def kmeans_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData | None,
-                 *, stage: str = "kmeans") -> TransformResult:
+                 *, stage: str = "kmeans", track: Track = untracked) -> TransformResult:
     """k-means weight sharing (``stage="kmeans"``) or the exact fixed-centroid 1-bit
     binarization (``stage="binarize"``); optional centroid retraining, assignments fixed."""
     t = time.perf_counter()
     granularity, group_size = _grouping(options["quant_granularity"], options["quant_group_size"])
     scope, steps, linears, objective, originals = _prepare(model, options, calib, "quant_retrain_steps", stage)
     results: dict[str, KMeansResult] = {}
-    for name, lin in linears:
+    for name, lin in track(linears, desc="weight matrices"):
         W = lin.weight.detach()
         if stage == "binarize":
             results[name] = _binarize(W, granularity, group_size)
@@ -234,13 +235,14 @@ def kmeans_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationDa
             for cb, r, w in zip(codebooks, results.values(), weights):
                 _write(w, KMeansResult(cb.detach(), r.indices).dequantize())
 
-        report["recovery"] = train(model, weights, objective, steps, update)
+        report["recovery"] = train(model, weights, objective, steps, update, track)
         results = {n: KMeansResult(cb.detach().clone(), r.indices) for cb, (n, r) in zip(codebooks, results.items())}
     report["time_s"] = time.perf_counter() - t
     return _result(stage, model, results, originals, scope, report)
 
 
-def bsflex_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData | None) -> TransformResult:
+def bsflex_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData | None, *,
+                 track: Track = untracked) -> TransformResult:
     """Flexible binarization: one-shot optimal 1-bit split, then ``quant_flex_steps`` of
     recovery training in which weights may cross between the two clusters."""
     t = time.perf_counter()
@@ -265,7 +267,7 @@ def bsflex_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationDa
             for f, w in zip(flex.values(), weights):
                 _write(w, f.result().dequantize())
 
-        report["recovery"] = train(model, weights, objective, steps, update)
+        report["recovery"] = train(model, weights, objective, steps, update, track)
         moved = sum(int((f.assignments() != start[n]).sum()) for n, f in flex.items())
         report["moved_fraction"] = moved / sum(f.latent.numel() for f in flex.values())
     results = {}
@@ -276,7 +278,8 @@ def bsflex_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationDa
     return _result("bs-flex", model, results, originals, scope, report)
 
 
-def imp_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData | None) -> TransformResult:
+def imp_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData | None, *,
+              track: Track = untracked) -> TransformResult:
     """Iterative magnitude pruning along ``quant_imp_schedule``, with ``quant_imp_steps``
     of fine-tuning of the kept weights after every pruning step."""
     t = time.perf_counter()
@@ -303,7 +306,7 @@ def imp_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData 
                     w.masked_fill_(~m, 0)
             opt.zero_grad(set_to_none=True)
 
-        entry["recovery"] = train(model, weights, objective, steps, update)
+        entry["recovery"] = train(model, weights, objective, steps, update, track)
 
     config = IMPConfig(schedule=options["quant_imp_schedule"], scope=options["quant_imp_ranking"])
     masks = iterative_magnitude_prune({n: w.detach() for n, w in params.items()}, config, recover)
@@ -316,16 +319,17 @@ def imp_stage(model: nn.Module, options: dict[str, Any], calib: CalibrationData 
     return _result("imp", model, named, originals, scope, report)
 
 
-STAGES = {"kmeans": kmeans_stage, "binarize": lambda m, o, c: kmeans_stage(m, o, c, stage="binarize"),
+STAGES = {"kmeans": kmeans_stage, "binarize": lambda m, o, c, **kw: kmeans_stage(m, o, c, stage="binarize", **kw),
           "bs-flex": bsflex_stage, "imp": imp_stage}
 
 
 def transform(stage: str, model: nn.Module, options: dict[str, Any],
-              calib: CalibrationData | None = None) -> TransformResult:
-    """Run transform stage ``stage`` (one of :data:`STAGES`) on ``model`` in place."""
+              calib: CalibrationData | None = None, track: Track = untracked) -> TransformResult:
+    """Run transform stage ``stage`` (one of :data:`STAGES`) on ``model`` in place; ``track``
+    wraps the long loops (weight matrices, recovery steps) with progress bars."""
     if stage not in STAGES:
         raise ValueError(f"unknown quant stage {stage!r}; known: {sorted(STAGES)}")
-    return STAGES[stage](model, options, calib)
+    return STAGES[stage](model, options, calib, track=track)
 
 
 # ------------------------------------------------------------------ restore and sizes

@@ -86,7 +86,7 @@ def tshrink_transform(name: str, ctx: Any, options: dict[str, Any]) -> Any:
         return None
     from .apply import transform
 
-    return transform(name, ctx.model, options, ctx.calib)
+    return transform(name, ctx.model, options, ctx.calib, track=ctx.track)
 
 
 @hookimpl

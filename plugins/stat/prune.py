@@ -4,7 +4,8 @@ Training* (STAT), arXiv 2406.00061.
 
 Per layer, two activation matrices (real tokens only) are streamed into
 :class:`.collect.ColumnStats` while a :class:`tshrink.calibration.LayerStream` runs that
-layer -- memory is bounded by one layer's statistics, never all layers' activations:
+layer (scoring walks the layers with the host's helper :func:`tshrink.stats.layer_stats`) --
+memory is bounded by one layer's statistics, never all layers' activations:
 
 * MLP: ``A`` (tokens x neurons), the down projection's input (for a gated MLP the product
   ``act(gate) * up``). Columns are scaled by the norms of the matching down-projection
@@ -62,6 +63,8 @@ from tshrink.arch.base import Adapter
 from tshrink.calibration import CalibrationData, LayerStream
 from tshrink.cost import CostModel
 from tshrink.masking import soft_masks
+from tshrink.progress import Track, untracked
+from tshrink.stats import layer_stats
 from tshrink.units import Selection, UnitScores
 
 from .allocate import allocate_global, allocate_uniform, hull_gains
@@ -245,7 +248,7 @@ def _dropped(warn: Callable[[str], None], layer: int, what: str, stats: ColumnSt
 
 # -- score ---------------------------------------------------------------------------------
 def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, device: torch.device,
-                report: dict[str, Any] | None = None) -> UnitScores:
+                report: dict[str, Any] | None = None, track: Track = untracked) -> UnitScores:
     """Error curves of every layer on the dense model and the unit scores derived from them.
 
     A unit's score is its hull gain (:func:`.allocate.hull_gains`) at its pivot position:
@@ -255,19 +258,16 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
     """
     report = report if report is not None else {}
     warnings: list[str] = report.setdefault("warnings", [])
-    stream = LayerStream(adapter, calib, device=device)
-    L = adapter.num_layers
     out: dict[str, list[Any]] = {"heads": [], "neurons": []}
     scores: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": []}
-    for layer in range(L):
-        a, m = adapter.attn(layer), adapter.mlp(layer)
-        bs = a.head_dim * a.group
-        energy = stream_energy(stream.hidden, stream.token_masks) if cfg.error_norm == "stream" else 1.0
-        energy = energy if energy > 0 else 1.0
-        att = cfg.stats(a.o.in_features, device, seed=2 * layer) if a.units else None
-        mlp = cfg.stats(m.neurons, device, seed=2 * layer + 1) if m.neurons else None
-        _pass(stream, [(a.o, att), (m.out, mlp)], advance=layer < L - 1)
-        for kind, stats, n in (("heads", att, a.units), ("neurons", mlp, m.neurons)):
+    # per layer, one forward of the dense model; ColumnStats (Gram or sketch) per projection
+    accumulate = lambda kind, layer, units, width: cfg.stats(  # noqa: E731
+        units * width, device, seed=2 * layer + (kind == "neurons"))
+    energy_of = stream_energy if cfg.error_norm == "stream" else None
+    for st in layer_stats(adapter, calib, device=device, accumulator=accumulate, inputs=energy_of, track=track):
+        layer, a, m = st.layer, st.attn, st.mlp
+        energy = st.inputs if energy_of is not None and st.inputs > 0 else 1.0
+        for kind, stats, n in (("heads", st.heads, a.units), ("neurons", st.neurons, m.neurons)):
             if stats is None:
                 out[kind].append(None)
                 scores[kind].append(torch.zeros(n))
@@ -279,7 +279,7 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             lin = a.o if kind == "heads" else m.out
             center = cfg.center and lin.bias is not None
             if kind == "heads":
-                order, errors = head_decomposition(stats, lin.weight, bs, center)
+                order, errors = head_decomposition(stats, lin.weight, st.head_width, center)
             else:
                 order, errors = neuron_decomposition(stats, lin.weight, center)
             curve = (errors.pow(2) / energy).cpu()  # (n+1,)
@@ -342,7 +342,8 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
 
 # -- correct -------------------------------------------------------------------------------
 def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection, cfg: StatConfig, *,
-                 device: torch.device, report: dict[str, Any] | None = None) -> Selection:
+                 device: torch.device, report: dict[str, Any] | None = None,
+                 track: Track = untracked) -> Selection:
     """Layer by layer: re-decompose at the selection's widths (``cfg.repick``; otherwise keep
     its indices), fold the least-squares correction into the output projections, and run
     the pruned layer so the next one calibrates on pruned inputs (``cfg.sequential``:
@@ -357,7 +358,7 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
     L = adapter.num_layers
     new_heads = [list(h) for h in selection.heads]
     new_neurons = [list(n) for n in selection.neurons]
-    for layer in range(L):
+    for layer in track(range(L), desc="layers"):
         a, m = adapter.attn(layer), adapter.mlp(layer)
         bs = a.head_dim * a.group
         kh, kn = len(selection.heads[layer]), len(selection.neurons[layer])
