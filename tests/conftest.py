@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-FAMILIES = ("bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "opt")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt")
+FAMILIES = ("bert", "roberta", "distilbert") + DECODERS
 
 
 def tiny_model(family: str, head: str = "base", seed: int = 0):
-    """A tiny random model; Llama-family ones use grouped-query attention (4 q / 2 kv)."""
+    """A tiny random model; Llama-family ones use grouped-query attention (4 q / 2 kv).
+
+    The newer families exercise what is particular to them: Qwen3 a ``head_dim`` unrelated
+    to ``hidden / heads``; Gemma 2 alternating sliding-window (4 tokens, shorter than the test
+    sequences) and global layers with soft-capping; Gemma 3 multi-query attention (one KV
+    head) and q/k norms; GPT-NeoX partial rotary and the parallel residual."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -27,10 +33,31 @@ def tiny_model(family: str, head: str = "base", seed: int = 0):
     elif family == "opt":
         cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
                            word_embed_proj_dim=32, **common)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=64, vocab_size=97,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                               rotary_pct=0.5, use_parallel_residual=True, attention_bias=True, pad_token_id=0,
+                               **common)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8, intermediate_size=48, sliding_window=4, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=3.0, query_pre_attn_scalar=8, pad_token_id=0, **common)
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                  head_dim=8, intermediate_size=48, sliding_window=4, query_pre_attn_scalar=8,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  pad_token_id=0, **common)
+    elif family == "phi3":
+        cfg = tf.Phi3Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
     else:
-        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config}[family]
+        extra = {"head_dim": 16} if family == "qwen3" else {}
         cfg = cls(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=48, **common)
+                  intermediate_size=48, **extra, **common)
     auto = {
         "base": tf.AutoModel,
         "causal-lm": tf.AutoModelForCausalLM,
@@ -50,7 +77,7 @@ def tiny_batches(family: str, n_batches: int = 2, batch: int = 3, seq: int = 12,
     from tshrink.calibration import CalibrationData
 
     g = torch.Generator().manual_seed(seed)
-    causal = family in ("llama", "mistral", "qwen2", "opt")
+    causal = family in DECODERS
     out = []
     for _ in range(n_batches):
         ids = torch.randint(3, 97, (batch, seq), generator=g)

@@ -149,12 +149,13 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
     else:
         from transformers.initialization import no_init_weights
 
+        from .arch.keys import rename_checkpoint_keys
         from .surgery import shrink_to_widths
 
         with no_init_weights():
             model = cls(config)
         shrink_to_widths(get_adapter(model), manifest["widths"])
-        state = _state_dict(path)
+        state = rename_checkpoint_keys(model, _state_dict(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
         model.tie_weights()
         tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}

@@ -22,7 +22,11 @@ equations are accumulated over batches (float64), so memory is one layer's activ
 
 Residual positions: the attention residual is the layer input in every supported family;
 the MLP residual is the MLP's input for the post-norm encoders (BERT, DistilBERT) and
-``layer output - Down output`` for the pre-norm Llama family.
+``layer output - Down output`` for the pre-norm decoders (Llama family, Phi-3, GPT-2, and
+GPT-NeoX, whose parallel residual makes ``output - Down`` the input plus the attention).
+Gemma 2/3 normalise each sub-layer's output before adding it to the stream ("sandwich"
+norms), so a residual drift cannot be moved linearly onto the projections: there the
+target is the teacher's projection output itself (minus bias), without residuals.
 
 Order (as in the public code): layer by layer; within a layer the attention scales are
 solved first, then the MLP's on student activations that already use them; then the
@@ -56,7 +60,9 @@ from tshrink.units import Selection
 from .tuning import BOUNDS, DAMP, tune_scales_gram
 
 #: where the MLP's residual is, per adapter family (see the module docstring)
-MLP_RESIDUAL = {"bert": "mlp_input", "distilbert": "mlp_input", "llama": "output_minus_mlp"}
+MLP_RESIDUAL = {"bert": "mlp_input", "distilbert": "mlp_input", "llama": "output_minus_mlp",
+                "phi3": "output_minus_mlp", "gpt2": "output_minus_mlp", "gpt_neox": "output_minus_mlp",
+                "gemma": "none"}
 CHUNK_ELEMENTS = 1 << 24  # bound on (units x tokens x hidden) per attention contribution block
 
 
@@ -152,6 +158,7 @@ def tune_masks(
     counts = (adapter.head_counts(), adapter.neuron_counts())
     selection.check(*counts)
     pre_norm = MLP_RESIDUAL[adapter.family] == "output_minus_mlp"
+    sandwich = MLP_RESIDUAL[adapter.family] == "none"  # targets without residuals
     hm, nm = selection.masks(*counts)  # 0/1 float32, per layer
     dev = torch.device(device) if device is not None else next(adapter.model.parameters()).device
     masks_dev = [m.to(dev) for m in hm + nm]  # read by the hooks at every forward; edited in place
@@ -170,8 +177,9 @@ def tune_masks(
 
         def teacher_batch(out: Tensor, i: int) -> None:
             tm = teacher.token_masks[i]
-            t_attn.append(_minus_bias(grab["o"] + _real(teacher.hidden[i].to(out.device), tm), attn.o).cpu())
-            total = _real(out, tm) if pre_norm else grab["down"] + grab["mlp_in"]
+            residual = 0 if sandwich else _real(teacher.hidden[i].to(out.device), tm)
+            t_attn.append(_minus_bias(grab["o"] + residual, attn.o).cpu())
+            total = grab["down"] if sandwich else _real(out, tm) if pre_norm else grab["down"] + grab["mlp_in"]
             t_mlp.append(_minus_bias(total, mlp.out).cpu())
 
         with teacher.capture(attn.o, put("o"), output=True), teacher.capture(mlp.out, put("down"), output=True), \
@@ -187,7 +195,9 @@ def tune_masks(
 
             def attn_batch(out: Tensor, i: int) -> None:
                 tm = student.token_masks[i]
-                t = t_attn[i].to(out.device) - _real(student.hidden[i].to(out.device), tm)
+                t = t_attn[i].to(out.device)
+                if not sandwich:
+                    t = t - _real(student.hidden[i].to(out.device), tm)
                 _head_normal(grab["o_in"], attn.o.weight.detach(), kept_h.to(out.device), width, t, acc)
 
             with student.capture(attn.o, put("o_in")), soft_masks(adapter, heads, neurons):
@@ -203,7 +213,7 @@ def tune_masks(
 
             def mlp_batch(out: Tensor, i: int) -> None:
                 tm = student.token_masks[i]
-                residual = _real(out, tm) - grab["down"] if pre_norm else grab["mlp_in"]
+                residual = 0 if sandwich else _real(out, tm) - grab["down"] if pre_norm else grab["mlp_in"]
                 t = t_mlp[i].to(out.device) - residual
                 _neuron_normal(grab["h"], wk, wtw, kept_n.to(out.device), t, acc)
 

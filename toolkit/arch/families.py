@@ -1,8 +1,12 @@
 """Adapters for the supported families, and :func:`get_adapter`.
 
 Supported: BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT),
-DistilBERT, the Llama family (Llama-2/3, Mistral, Qwen2: grouped-query attention,
-gated MLP), and OPT decoders. Hugging Face attention modules infer the head count from the projection
+DistilBERT, the Llama family (Llama-2/3, Mistral, Qwen2, Qwen3: grouped-query attention,
+gated MLP; Qwen3's per-head q/k RMSNorms act over ``head_dim`` and need no change), Gemma /
+Gemma 2 / Gemma 3 text (sandwich norms, GQA or MQA, sliding-window and global layers),
+Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``), GPT-2 (``Conv1D``, fused ``c_attn``),
+GPT-NeoX / Pythia (per-head interleaved ``query_key_value``, parallel residual), and OPT
+decoders. Hugging Face attention modules infer the head count from the projection
 shapes (``view(..., -1, head_dim)``), so removing rows/columns is all surgery needs,
 except when a layer loses every unit (see :class:`EmptyAttention`).
 
@@ -14,9 +18,12 @@ whatever the number of groups it keeps. For multi-head attention a unit is one h
 """
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
-from .base import Adapter, AttnParts, EmptyAttention, MlpParts
+from .base import Adapter, AttnParts, EmptyAttention, MlpParts, Proj
 
 
 class BertAdapter(Adapter):
@@ -92,7 +99,7 @@ class DistilBertAdapter(Adapter):
 
 class LlamaAdapter(Adapter):
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
     gated_mlp = True
     causal = True
 
@@ -161,11 +168,190 @@ class OptAdapter(Adapter):
         return 2 * 5 * self.hidden_size, final
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, LlamaAdapter, OptAdapter)
+class GemmaAdapter(LlamaAdapter):
+    """Gemma, Gemma 2 and Gemma 3 (text): the Llama layout with ``head_dim`` set in the
+    config, GELU-tanh gated MLP, and (Gemma 2/3) a norm after each sub-layer before the
+    residual add. Pruning leaves the norms, the embedding scale and the soft-capping alone:
+    a pruned sub-layer's output is still normalised the same way, and a fully pruned
+    attention outputs zeros, which the post-norm keeps at zero."""
+
+    family = "gemma"
+    model_types = ("gemma", "gemma2", "gemma3_text")
+
+
+class Phi3Adapter(Adapter):
+    """Phi-3: ``qkv_proj`` holds Q, K and V rows in three blocks, ``gate_up_proj`` the gate
+    then the up rows; both are viewed per block and sliced together."""
+
+    family = "phi3"
+    model_types = ("phi3",)
+    gated_mlp = True
+    causal = True
+
+    def layers(self) -> nn.ModuleList:
+        return self.backbone().layers
+
+    def _dims(self) -> tuple[int, int]:
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return head_dim, c.num_attention_heads // c.num_key_value_heads
+
+    def attn(self, layer: int) -> AttnParts:
+        a = self.layers()[layer].self_attn
+        d, g = self._dims()
+        if isinstance(a, EmptyAttention):
+            return AttnParts(None, None, None, a.o_proj, d, g)
+        units = a.o_proj.in_features // (g * d)
+        nq, nkv = units * g * d, units * d
+        qkv = a.qkv_proj
+        return AttnParts(Proj(qkv, rows=slice(0, nq)), Proj(qkv, rows=slice(nq, nq + nkv)),
+                         Proj(qkv, rows=slice(nq + nkv, nq + 2 * nkv)), a.o_proj, d, g)
+
+    def mlp(self, layer: int) -> MlpParts:
+        m = self.layers()[layer].mlp
+        n = m.down_proj.in_features
+        return MlpParts([Proj(m.gate_up_proj, rows=slice(0, n)), Proj(m.gate_up_proj, rows=slice(n, 2 * n))],
+                        m.down_proj)
+
+    def empty_attention(self, layer: int) -> None:
+        block = self.layers()[layer]
+        block.self_attn = EmptyAttention(block.self_attn.o_proj, "o_proj")
+
+    def update_attn_attrs(self, layer: int, units: int) -> None:
+        a = self.layers()[layer].self_attn
+        if isinstance(a, EmptyAttention):
+            return
+        _, g = self._dims()
+        # Phi3Attention splits qkv at ``self.config.num_attention_heads * head_dim``: the
+        # module gets its own copy of the config with this layer's head counts (the model's
+        # config, which is what is saved, keeps the dense ones).
+        if a.config is self.config:
+            a.config = copy.copy(self.config)
+        a.config.num_attention_heads = units * g
+        a.config.num_key_value_heads = units
+        a.num_key_value_heads = units
+
+
+class Gpt2Adapter(Adapter):
+    """GPT-2: ``Conv1D`` projections (weights stored ``(in, out)``), Q/K/V fused in
+    ``c_attn`` as three blocks, LayerNorm before each sub-layer and after the last layer."""
+
+    family = "gpt2"
+    model_types = ("gpt2",)
+    causal = True
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.n_embd)
+
+    def layers(self) -> nn.ModuleList:
+        return self.backbone().h
+
+    def _head_dim(self) -> int:
+        return self.config.n_embd // self.config.n_head
+
+    def attn(self, layer: int) -> AttnParts:
+        a = self.layers()[layer].attn
+        d = self._head_dim()
+        o = Proj(a.c_proj, transposed=True)
+        if isinstance(a, EmptyAttention):
+            return AttnParts(None, None, None, o, d, 1)
+        n = o.in_features
+        qkv = a.c_attn
+        return AttnParts(Proj(qkv, transposed=True, rows=slice(0, n)), Proj(qkv, transposed=True, rows=slice(n, 2 * n)),
+                         Proj(qkv, transposed=True, rows=slice(2 * n, 3 * n)), o, d, 1)
+
+    def mlp(self, layer: int) -> MlpParts:
+        m = self.layers()[layer].mlp
+        return MlpParts([Proj(m.c_fc, transposed=True)], Proj(m.c_proj, transposed=True))
+
+    def empty_attention(self, layer: int) -> None:
+        block = self.layers()[layer]
+        block.attn = EmptyAttention(block.attn.c_proj, "c_proj")
+
+    def update_attn_attrs(self, layer: int, units: int) -> None:
+        a = self.layers()[layer].attn
+        if not isinstance(a, EmptyAttention):
+            a.split_size = units * a.head_dim  # c_attn's output is split into Q, K, V by this
+            a.num_heads = units
+            a.embed_dim = units * a.head_dim
+
+    def norm_macs_per_token(self) -> tuple[int, int]:
+        return 2 * 5 * self.hidden_size, 5 * self.hidden_size
+
+
+class GptNeoXAdapter(Adapter):
+    """GPT-NeoX / Pythia: ``query_key_value`` holds, per head, its Q, K and V rows next to
+    each other (``view(..., heads, 3 * head_dim)``), so a head's rows are interleaved and
+    the views are index sets; attention and MLP may run in parallel on the same input
+    (``use_parallel_residual``); rotary over the first ``rotary_ndims`` of each head."""
+
+    family = "gpt_neox"
+    model_types = ("gpt_neox",)
+    causal = True
+
+    def layers(self) -> nn.ModuleList:
+        return self.backbone().layers
+
+    def _head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    def attn(self, layer: int) -> AttnParts:
+        a = self.layers()[layer].attention
+        d = self._head_dim()
+        if isinstance(a, EmptyAttention):
+            return AttnParts(None, None, None, a.dense, d, 1)
+        units = a.dense.in_features // d
+        base = (torch.arange(units) * 3 * d).reshape(-1, 1)  # first row of each head's block
+        rows = [(base + part * d + torch.arange(d)).flatten() for part in range(3)]  # (units*d,) each
+        qkv = a.query_key_value
+        return AttnParts(Proj(qkv, rows=rows[0]), Proj(qkv, rows=rows[1]), Proj(qkv, rows=rows[2]), a.dense, d, 1)
+
+    def mlp(self, layer: int) -> MlpParts:
+        m = self.layers()[layer].mlp
+        return MlpParts([m.dense_h_to_4h], m.dense_4h_to_h)
+
+    def empty_attention(self, layer: int) -> None:
+        block = self.layers()[layer]
+        block.attention = EmptyAttention(block.attention.dense, "dense")
+
+    def norm_macs_per_token(self) -> tuple[int, int]:
+        return 2 * 5 * self.hidden_size, 5 * self.hidden_size
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, LlamaAdapter, GemmaAdapter, Phi3Adapter,
+                                       Gpt2Adapter, GptNeoXAdapter, OptAdapter)
 
 
 def supported_model_types() -> list[str]:
+    """``config.model_type`` values that have an adapter."""
     return sorted(t for cls in ADAPTERS for t in cls.model_types)
+
+
+def family_of(model_type: str) -> str | None:
+    """The adapter family for a ``config.model_type`` (None if unsupported)."""
+    return next((cls.family for cls in ADAPTERS if model_type in cls.model_types), None)
+
+
+def supported_architectures() -> dict[str, str]:
+    """Model class name -> adapter family, for every transformers class (any head) of a
+    supported model type, as transformers' auto mappings list them (names only: no model
+    code is imported)."""
+    from transformers.models.auto import modeling_auto
+
+    out: dict[str, str] = {}
+    for name in dir(modeling_auto):
+        table = getattr(modeling_auto, name)
+        if not (name.endswith("_MAPPING_NAMES") and isinstance(table, dict)):
+            continue
+        for model_type, classes in table.items():
+            family = family_of(model_type)
+            if family is None:
+                continue
+            for cls_name in (classes if isinstance(classes, (list, tuple)) else [classes]):
+                if not cls_name.endswith("Config"):
+                    out[cls_name] = family
+    return dict(sorted(out.items()))
 
 
 def get_adapter(model: nn.Module) -> Adapter:
