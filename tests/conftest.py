@@ -11,7 +11,7 @@ DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "g
 FAMILIES = ("bert", "roberta", "distilbert") + DECODERS
 
 
-def tiny_model(family: str, head: str = "base", seed: int = 0):
+def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int = 97):
     """A tiny random model; Llama-family ones use grouped-query attention (4 q / 2 kv).
 
     The newer families exercise what is particular to them: Qwen3 a ``head_dim`` unrelated
@@ -21,7 +21,7 @@ def tiny_model(family: str, head: str = "base", seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, max_position_embeddings=64)
+    common = dict(vocab_size=vocab_size, max_position_embeddings=64)
     if family in ("bert", "roberta"):
         cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
         cfg = cls(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
@@ -34,7 +34,7 @@ def tiny_model(family: str, head: str = "base", seed: int = 0):
         cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
                            word_embed_proj_dim=32, **common)
     elif family == "gpt2":
-        cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=64, vocab_size=97,
+        cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=64, vocab_size=vocab_size,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
     elif family == "gpt_neox":
         cfg = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,

@@ -70,3 +70,26 @@ def test_supported_architectures_lists_every_tiny_model(family):
         model = tiny_model(family, head=head)
         assert table[type(model).__name__] == get_adapter(model).family
     assert "T5Model" not in table
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_harness_prune_on_a_tiny_model_directory(family, tmp_path):
+    """``harness prune`` from the command line on a local directory of each newer family."""
+    import json
+
+    from _tokenizers import byte_bpe_tokenizer
+    from tshrink.models import load_model
+    from tshrink_harness.cli import main
+
+    tokenizer = byte_bpe_tokenizer(["some calibration text for a tiny model " * 20])
+    tiny_model(family, head="causal-lm", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--method", "magnitude", "--model", str(tmp_path / "tiny"), "--flops", "0.5",
+               "--output", str(out), "--calib-samples", "4", "--seq-len", "16"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops_kept"] <= 0.5 and report["fvcore_flops_after"] < report["fvcore_flops_before"]
+    reloaded, _ = load_model(str(out))
+    assert type(reloaded).__name__ == type(tiny_model(family, head="causal-lm")).__name__
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
