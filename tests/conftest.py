@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt",
+            "granite", "starcoder2")
+#: families without a reviewed adapter, served by the generic decoder adapter
+GENERIC = ("granite", "starcoder2")
 FAMILIES = ("bert", "roberta", "distilbert") + DECODERS
 
 
@@ -49,6 +53,13 @@ def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int =
                                   head_dim=8, intermediate_size=48, sliding_window=4, query_pre_attn_scalar=8,
                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                   pad_token_id=0, **common)
+    elif family == "granite":  # Llama layout with residual / attention / logit multipliers
+        cfg = tf.GraniteConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=48, residual_multiplier=0.5, attention_multiplier=0.3,
+                               embedding_multiplier=2.0, pad_token_id=0, **common)
+    elif family == "starcoder2":  # LayerNorms, biases, plain c_fc / c_proj MLP
+        cfg = tf.Starcoder2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=48, bos_token_id=1, eos_token_id=2, **common)
     elif family == "phi3":
         cfg = tf.Phi3Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
@@ -66,7 +77,9 @@ def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int =
     if head == "sequence-classification":
         cfg.num_labels = 2
         cfg.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    model = auto.from_config(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = auto.from_config(cfg)
     model.eval()
     return model
 

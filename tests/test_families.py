@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_batches, tiny_model
+from conftest import GENERIC, tiny_batches, tiny_model
 from tshrink.arch.families import get_adapter
 from tshrink.checkpoint import load_pruned, read_manifest, save_pruned
 from tshrink.pipeline import prune
 
-NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox")
+NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox") + GENERIC
 STRUCTURED = ("magnitude", "stat", "fisher")
 
 
@@ -24,6 +24,10 @@ STRUCTURED = ("magnitude", "stat", "fisher")
 def test_structured_method_on_family(family, method, tmp_path):
     model = tiny_model(family, head="causal-lm")
     calib = tiny_batches(family, labels="lm")
+    if family in GENERIC and method == "fisher":  # mask tuning needs the residual layout: refused up front
+        with pytest.raises(ValueError, match="residual layout.*not 'generic'"):
+            prune(model, method, 0.6, calib=calib, seed=0)
+        return
     batch = calib.batches[0]
     before = get_adapter(model).widths()
     rep = prune(model, method, 0.6, calib=calib, seed=0).report
@@ -66,6 +70,9 @@ def test_supported_architectures_lists_every_tiny_model(family):
 
     table = supported_architectures()
     assert not [name for name in table if name.endswith("Config")]
+    if family in GENERIC:  # no reviewed adapter: not on the list
+        assert type(tiny_model(family)).__name__ not in table
+        return
     for head in ("base", "causal-lm" if get_adapter(tiny_model(family)).causal else "sequence-classification"):
         model = tiny_model(family, head=head)
         assert table[type(model).__name__] == get_adapter(model).family
@@ -93,3 +100,35 @@ def test_harness_prune_on_a_tiny_model_directory(family, tmp_path):
     reloaded, _ = load_model(str(out))
     assert type(reloaded).__name__ == type(tiny_model(family, head="causal-lm")).__name__
     assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
+
+
+def test_generic_adapter_warns_once_and_refuses_a_layout_it_cannot_prune():
+    import transformers as tf
+
+    model = tiny_model("granite")
+    with pytest.warns(UserWarning, match="'granite' has no reviewed tshrink adapter.*generic decoder adapter"):
+        assert get_adapter(model).family == "generic"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_adapter(model)  # checked and announced once per model
+    # OLMo-2 normalises q and k over all heads together: removing a head changes that norm
+    olmo2 = tf.Olmo2Model(tf.Olmo2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=48, vocab_size=97,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    with pytest.raises(ValueError, match="unsupported architecture 'olmo2'.*masked-vs-pruned check"):
+        get_adapter(olmo2)
+
+
+def test_known_unsupported_families_say_why():
+    import transformers as tf
+
+    from tshrink.arch.families import unsupported_reasons
+
+    moe = tf.MixtralModel(tf.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=48, num_local_experts=4,
+                                           vocab_size=97))
+    with pytest.raises(ValueError, match="unsupported architecture 'mixtral'.*experts fused"):
+        get_adapter(moe)
+    assert "deberta-v2" in unsupported_reasons()

@@ -354,14 +354,69 @@ def supported_architectures() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+#: model types that look supportable but are not, and why (shown by ``get_adapter``)
+UNSUPPORTED: dict[str, str] = {
+    "gemma3": "Gemma 3 with its vision tower (Gemma3ForConditionalGeneration) is not supported; load the text "
+              "model (model_type 'gemma3_text', Gemma3ForCausalLM), which is",
+    "mixtral": "transformers 5 stores the experts fused as 3-D tensors (experts.gate_up_proj, experts.down_proj), "
+               "which cannot hold a different neuron count per expert; mixture-of-experts pruning is not implemented",
+    "qwen2_moe": "transformers 5 stores the experts fused as 3-D tensors, which cannot hold a different neuron "
+                 "count per expert; mixture-of-experts pruning is not implemented",
+    "qwen3_moe": "transformers 5 stores the experts fused as 3-D tensors, which cannot hold a different neuron "
+                 "count per expert; mixture-of-experts pruning is not implemented",
+    "deberta-v2": "DeBERTa-v2/v3's disentangled attention adds relative-position projections and "
+                  "content-to-position score terms that the cost model and the surgery do not cover yet",
+}
+
+
+def unsupported_reasons() -> dict[str, str]:
+    """Known model types without an adapter, with the reason (for ``harness plugins``)."""
+    return dict(sorted(UNSUPPORTED.items()))
+
+
+def architecture_support(config) -> str | None:
+    """None when models of ``config`` can be pruned structurally, else the reason (checked
+    before any weight is loaded: families without an adapter are built on the meta device
+    to look for the generic decoder layout; its numerical check runs on the real model)."""
+    model_type = getattr(config, "model_type", None)
+    if family_of(model_type) is not None:
+        return None
+    if model_type in UNSUPPORTED:
+        return UNSUPPORTED[model_type]
+    from .generic import _find_names
+
+    try:
+        import transformers
+
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(config)
+    except Exception as err:  # noqa: BLE001 - no model class at all
+        return f"transformers cannot build it ({type(err).__name__}: {err})"
+    names = _find_names(model)
+    return f"the generic decoder adapter does not apply: {names}" if isinstance(names, str) else None
+
+
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model`` (any head: base model, classifier, QA, causal LM)."""
+    """The adapter for ``model`` (any head: base model, classifier, QA, causal LM).
+
+    Families without their own adapter get the generic decoder adapter when their modules
+    follow the common layout and pass its run-time check (with a warning, see
+    :mod:`.generic`); anything else is a ValueError naming the reason."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls(model)
+    if model_type in UNSUPPORTED:
+        raise ValueError(f"unsupported architecture {model_type!r} ({type(model).__name__}): "
+                         f"{UNSUPPORTED[model_type]}")
+    from .generic import generic_adapter
+
+    generic = generic_adapter(model) if isinstance(model, nn.Module) else "it is not a torch module"
+    if not isinstance(generic, str):
+        return generic
     raise ValueError(
         f"unsupported architecture {model_type!r} ({type(model).__name__}); "
-        f"supported model types: {', '.join(supported_model_types())}"
+        f"supported model types: {', '.join(supported_model_types())}; "
+        f"the generic decoder adapter does not apply: {generic}"
     )
