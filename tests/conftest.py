@@ -12,7 +12,7 @@ DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "g
             "granite", "starcoder2")
 #: families without a reviewed adapter, served by the generic decoder adapter
 GENERIC = ("granite", "starcoder2")
-FAMILIES = ("bert", "roberta", "distilbert") + DECODERS
+FAMILIES = ("bert", "roberta", "distilbert", "modernbert") + DECODERS
 
 
 def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int = 97):
@@ -37,6 +37,10 @@ def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int =
     elif family == "opt":
         cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
                            word_embed_proj_dim=32, **common)
+    elif family == "modernbert":  # alternating local (4-token window) and global attention
+        cfg = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                                  local_attention=4, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, cls_token_id=1, sep_token_id=2, **common)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=64, vocab_size=vocab_size,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -15,15 +15,25 @@ from tshrink.arch.families import get_adapter
 from tshrink.checkpoint import load_pruned, read_manifest, save_pruned
 from tshrink.pipeline import prune
 
-NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox") + GENERIC
+NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "modernbert") + GENERIC
+ENCODERS = ("modernbert",)
+
+
+def _head(family: str) -> str:
+    return "sequence-classification" if family in ENCODERS else "causal-lm"
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 STRUCTURED = ("magnitude", "stat", "fisher")
 
 
 @pytest.mark.parametrize("method", STRUCTURED)
 @pytest.mark.parametrize("family", NEW)
 def test_structured_method_on_family(family, method, tmp_path):
-    model = tiny_model(family, head="causal-lm")
-    calib = tiny_batches(family, labels="lm")
+    model = tiny_model(family, head=_head(family))
+    calib = tiny_batches(family, labels="class" if family in ENCODERS else "lm")
     if family in GENERIC and method == "fisher":  # mask tuning needs the residual layout: refused up front
         with pytest.raises(ValueError, match="residual layout.*not 'generic'"):
             prune(model, method, 0.6, calib=calib, seed=0)
@@ -34,18 +44,16 @@ def test_structured_method_on_family(family, method, tmp_path):
     assert 0.3 < rep["flops_kept"] <= 0.6 + 1e-9, rep["flops_kept"]
     after = get_adapter(model).widths()
     assert after != before and rep["params_after"] < rep["params_before"]
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"]).logits
+    out = _logits(model, batch)
     assert torch.isfinite(out).all()
     save_pruned(model, tmp_path / "m", info={"report": rep})
     assert read_manifest(tmp_path / "m")["family"] == get_adapter(model).family
     again = load_pruned(tmp_path / "m")
     assert get_adapter(again).widths() == after
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=batch["input_ids"]).logits, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_logits(again, batch), out, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "modernbert"])
 def test_layer_stream_follows_sliding_and_global_layers(family):
     """Layer by layer with the calibration stream gives the full forward's hidden states
     although sliding-window and global layers get different masks (and rotary tables)."""
@@ -88,8 +96,15 @@ def test_harness_prune_on_a_tiny_model_directory(family, tmp_path):
     from tshrink.models import load_model
     from tshrink_harness.cli import main
 
-    tokenizer = byte_bpe_tokenizer(["some calibration text for a tiny model " * 20])
-    tiny_model(family, head="causal-lm", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    text = "some calibration text for a tiny model " * 20
+    if family in ENCODERS:
+        from _tokenizers import wordpiece_tokenizer
+
+        tokenizer = wordpiece_tokenizer([text], tmp_path)
+    else:
+        tokenizer = byte_bpe_tokenizer([text])
+    head = "base" if family in ENCODERS else "causal-lm"
+    tiny_model(family, head=head, vocab_size=max(97, len(tokenizer))).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "pruned"
     rc = main(["prune", "--method", "magnitude", "--model", str(tmp_path / "tiny"), "--flops", "0.5",
@@ -98,7 +113,7 @@ def test_harness_prune_on_a_tiny_model_directory(family, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["flops_kept"] <= 0.5 and report["fvcore_flops_after"] < report["fvcore_flops_before"]
     reloaded, _ = load_model(str(out))
-    assert type(reloaded).__name__ == type(tiny_model(family, head="causal-lm")).__name__
+    assert type(reloaded).__name__ == type(tiny_model(family, head=head)).__name__
     assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]
 
 

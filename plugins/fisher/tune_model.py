@@ -22,8 +22,9 @@ equations are accumulated over batches (float64), so memory is one layer's activ
 
 Residual positions: the attention residual is the layer input in every supported family;
 the MLP residual is the MLP's input for the post-norm encoders (BERT, DistilBERT) and
-``layer output - Down output`` for the pre-norm decoders (Llama family, Phi-3, GPT-2, and
-GPT-NeoX, whose parallel residual makes ``output - Down`` the input plus the attention).
+``layer output - Down output`` for the pre-norm models (Llama family, Phi-3, GPT-2,
+ModernBERT, and GPT-NeoX, whose parallel residual makes ``output - Down`` the input plus
+the attention).
 Gemma 2/3 normalise each sub-layer's output before adding it to the stream ("sandwich"
 norms), so a residual drift cannot be moved linearly onto the projections: there the
 target is the teacher's projection output itself (minus bias), without residuals.
@@ -62,7 +63,7 @@ from .tuning import BOUNDS, DAMP, tune_scales_gram
 #: where the MLP's residual is, per adapter family (see the module docstring)
 MLP_RESIDUAL = {"bert": "mlp_input", "distilbert": "mlp_input", "llama": "output_minus_mlp",
                 "phi3": "output_minus_mlp", "gpt2": "output_minus_mlp", "gpt_neox": "output_minus_mlp",
-                "gemma": "none"}
+                "modernbert": "output_minus_mlp", "gemma": "none"}
 CHUNK_ELEMENTS = 1 << 24  # bound on (units x tokens x hidden) per attention contribution block
 
 

@@ -5,8 +5,9 @@ DistilBERT, the Llama family (Llama-2/3, Mistral, Qwen2, Qwen3: grouped-query at
 gated MLP; Qwen3's per-head q/k RMSNorms act over ``head_dim`` and need no change), Gemma /
 Gemma 2 / Gemma 3 text (sandwich norms, GQA or MQA, sliding-window and global layers),
 Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``), GPT-2 (``Conv1D``, fused ``c_attn``),
-GPT-NeoX / Pythia (per-head interleaved ``query_key_value``, parallel residual), and OPT
-decoders. Hugging Face attention modules infer the head count from the projection
+GPT-NeoX / Pythia (per-head interleaved ``query_key_value``, parallel residual), OPT
+decoders, and ModernBERT encoders (fused ``Wqkv`` and GLU ``Wi``, local / global layers).
+Other decoders of the common layout get the generic adapter of :mod:`.generic`. Hugging Face attention modules infer the head count from the projection
 shapes (``view(..., -1, head_dim)``), so removing rows/columns is all surgery needs,
 except when a layer loses every unit (see :class:`EmptyAttention`).
 
@@ -319,8 +320,48 @@ class GptNeoXAdapter(Adapter):
         return 2 * 5 * self.hidden_size, 5 * self.hidden_size
 
 
+class ModernBertAdapter(Adapter):
+    """ModernBERT encoders: ``Wqkv`` holds the Q, K and V rows in three blocks, the GLU
+    MLP's ``Wi`` the input then the gate rows; pre-norm layers (the first without attention
+    norm), alternating local (sliding-window) and global attention."""
+
+    family = "modernbert"
+    model_types = ("modernbert",)
+    gated_mlp = True
+
+    def layers(self) -> nn.ModuleList:
+        return self.backbone().layers
+
+    def _head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    def attn(self, layer: int) -> AttnParts:
+        a = self.layers()[layer].attn
+        d = self._head_dim()
+        if isinstance(a, EmptyAttention):
+            return AttnParts(None, None, None, a.Wo, d, 1)
+        n = a.Wo.in_features
+        return AttnParts(Proj(a.Wqkv, rows=slice(0, n)), Proj(a.Wqkv, rows=slice(n, 2 * n)),
+                         Proj(a.Wqkv, rows=slice(2 * n, 3 * n)), a.Wo, d, 1)
+
+    def mlp(self, layer: int) -> MlpParts:
+        m = self.layers()[layer].mlp
+        n = m.Wo.in_features
+        return MlpParts([Proj(m.Wi, rows=slice(0, n)), Proj(m.Wi, rows=slice(n, 2 * n))], m.Wo)
+
+    def empty_attention(self, layer: int) -> None:
+        block = self.layers()[layer]
+        block.attn = EmptyAttention(block.attn.Wo, "Wo")
+
+    def norm_macs_per_token(self) -> tuple[int, int]:
+        # LayerNorms: two per layer but none before the first attention, one after the
+        # embeddings, one final: 2L + 1 in all, counted as 2 per layer and 1 outside.
+        total = sum(isinstance(m, nn.LayerNorm) for m in self.backbone().modules())
+        return 2 * 5 * self.hidden_size, (total - 2 * self.num_layers) * 5 * self.hidden_size
+
+
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, LlamaAdapter, GemmaAdapter, Phi3Adapter,
-                                       Gpt2Adapter, GptNeoXAdapter, OptAdapter)
+                                       Gpt2Adapter, GptNeoXAdapter, OptAdapter, ModernBertAdapter)
 
 
 def supported_model_types() -> list[str]:
