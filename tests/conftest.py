@@ -12,7 +12,7 @@ DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "g
             "granite", "starcoder2")
 #: families without a reviewed adapter, served by the generic decoder adapter
 GENERIC = ("granite", "starcoder2")
-FAMILIES = ("bert", "roberta", "distilbert", "modernbert") + DECODERS
+FAMILIES = ("bert", "roberta", "distilbert", "modernbert", "deberta-v2") + DECODERS
 
 
 def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int = 97):
@@ -37,6 +37,11 @@ def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int =
     elif family == "opt":
         cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
                            word_embed_proj_dim=32, **common)
+    elif family == "deberta-v2":  # v3 layout: shared position keys, both disentangled terms, log buckets
+        cfg = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                                 relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                                 pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                                 position_biased_input=False, pad_token_id=0, **common)
     elif family == "modernbert":  # alternating local (4-token window) and global attention
         cfg = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
                                   local_attention=4, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,

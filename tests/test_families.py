@@ -15,8 +15,8 @@ from tshrink.arch.families import get_adapter
 from tshrink.checkpoint import load_pruned, read_manifest, save_pruned
 from tshrink.pipeline import prune
 
-NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "modernbert") + GENERIC
-ENCODERS = ("modernbert",)
+NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "modernbert", "deberta-v2") + GENERIC
+ENCODERS = ("modernbert", "deberta-v2")
 
 
 def _head(family: str) -> str:
@@ -146,4 +146,37 @@ def test_known_unsupported_families_say_why():
                                            vocab_size=97))
     with pytest.raises(ValueError, match="unsupported architecture 'mixtral'.*experts fused"):
         get_adapter(moe)
-    assert "deberta-v2" in unsupported_reasons()
+    assert "qwen3_moe" in unsupported_reasons()
+
+
+@pytest.mark.parametrize("types", [["c2p"], ["p2c", "c2p"]])
+def test_deberta_separate_position_projections(types):
+    """DeBERTa-v2 without shared position keys: ``pos_key_proj`` / ``pos_query_proj`` lose
+    the rows of removed heads; masked == pruned and the cost model still match fvcore."""
+    import transformers as tf
+
+    from test_surgery import _random_selection
+    from tshrink.cost import CostModel
+    from tshrink.flops import measure_flops
+    from tshrink.masking import soft_masks
+    from tshrink.surgery import apply_selection
+
+    torch.manual_seed(0)
+    model = tf.DebertaV2Model(tf.DebertaV2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, vocab_size=97,
+        max_position_embeddings=64, relative_attention=True, max_relative_positions=6, position_buckets=-1,
+        pos_att_type=types, share_att_key=False, pad_token_id=0)).eval()
+    adapter = get_adapter(model)
+    assert adapter.extra_head_projs(0)
+    batch = tiny_batches("deberta-v2").batches[0]
+    sel = _random_selection(adapter, seed=4)
+    hm, nm = sel.masks(adapter.head_counts(), adapter.neuron_counts())
+    with soft_masks(adapter, hm, nm), torch.no_grad():
+        masked = model(**{k: batch[k] for k in ("input_ids", "attention_mask")})[0]
+    cost = CostModel(adapter, 16)
+    apply_selection(adapter, sel)
+    with torch.no_grad():
+        pruned = model(**{k: batch[k] for k in ("input_ids", "attention_mask")})[0]
+    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
+    measured = measure_flops(model, 16)["total"]
+    assert abs(cost.backbone_macs(adapter.widths()) - measured) <= 0.01 * measured

@@ -11,7 +11,9 @@ budgets and reported FLOPs cover the backbone's hidden states, as in Kwon et al.
 Per token, one attention unit with ``g`` query heads of size ``d`` sharing one K/V head
 costs ``hidden*d*(2g+2)`` in the projections (Q and O: ``g*d*hidden`` each, K and V:
 ``d*hidden`` each) plus ``2*g*seq_len*d`` for the scores and the weighted sum; one MLP neuron
-costs ``2*hidden`` (``3*hidden`` for a gated MLP).
+costs ``2*hidden`` (``3*hidden`` for a gated MLP). Families with further attention terms
+(DeBERTa's relative-position projections and scores) add them per unit through
+:meth:`Adapter.extra_macs`.
 """
 from __future__ import annotations
 
@@ -51,9 +53,10 @@ class CostModel:
         for layer in range(adapter.num_layers):
             p = adapter.attn(layer)
             d, g = p.head_dim, p.group
-            head = s * h * d * (2 * g + 2) + 2 * g * s * s * d
-            self.layers.append(LayerCost(head=head, neuron=neuron, fixed=s * per_layer_norm))
-        self.outside = s * outside_norm
+            extra_head, extra_fixed = adapter.extra_macs(layer, s)
+            head = s * h * d * (2 * g + 2) + 2 * g * s * s * d + extra_head
+            self.layers.append(LayerCost(head=head, neuron=neuron, fixed=s * per_layer_norm + extra_fixed))
+        self.outside = s * outside_norm + adapter.outside_extra_macs(s)
         self.dense = adapter.widths()
 
     # -- totals ---------------------------------------------------------------------

@@ -104,7 +104,8 @@ def prune_heads(adapter: Adapter, layer: int, keep: list[int]) -> None:
         adapter.empty_attention(layer)
         return
     kv = kv_idx if g > 1 else q_idx
-    _keep(block, [(parts.q, q_idx), (parts.k, kv), (parts.v, kv)], dim=0)
+    extra = [(proj, q_idx) for proj in adapter.extra_head_projs(layer)]
+    _keep(block, [(parts.q, q_idx), (parts.k, kv), (parts.v, kv)] + extra, dim=0)
     adapter.update_attn_attrs(layer, len(keep))
 
 

@@ -21,7 +21,7 @@ for neurons ``C^T C = (H^T H) * (W^T W)`` is formed without materialising C. The
 equations are accumulated over batches (float64), so memory is one layer's activations.
 
 Residual positions: the attention residual is the layer input in every supported family;
-the MLP residual is the MLP's input for the post-norm encoders (BERT, DistilBERT) and
+the MLP residual is the MLP's input for the post-norm encoders (BERT, DeBERTa, DistilBERT) and
 ``layer output - Down output`` for the pre-norm models (Llama family, Phi-3, GPT-2,
 ModernBERT, and GPT-NeoX, whose parallel residual makes ``output - Down`` the input plus
 the attention).
@@ -61,7 +61,8 @@ from tshrink.units import Selection
 from .tuning import BOUNDS, DAMP, tune_scales_gram
 
 #: where the MLP's residual is, per adapter family (see the module docstring)
-MLP_RESIDUAL = {"bert": "mlp_input", "distilbert": "mlp_input", "llama": "output_minus_mlp",
+MLP_RESIDUAL = {"bert": "mlp_input", "deberta-v2": "mlp_input", "distilbert": "mlp_input",
+                "llama": "output_minus_mlp",
                 "phi3": "output_minus_mlp", "gpt2": "output_minus_mlp", "gpt_neox": "output_minus_mlp",
                 "modernbert": "output_minus_mlp", "gemma": "none"}
 CHUNK_ELEMENTS = 1 << 24  # bound on (units x tokens x hidden) per attention contribution block

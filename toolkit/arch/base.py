@@ -168,6 +168,20 @@ class Adapter:
     def update_mlp_attrs(self, layer: int, neurons: int) -> None:
         """Keep the MLP module's bookkeeping attributes in step with its new width."""
 
+    def extra_head_projs(self, layer: int) -> list[nn.Linear | Proj]:
+        """Further projections with one block of ``head_dim`` rows per attention unit
+        (DeBERTa's relative-position projections); surgery slices them like Q."""
+        return []
+
+    def extra_macs(self, layer: int, seq_len: int) -> tuple[int, int]:
+        """(per attention unit, width-independent) multiply-adds of layer ``layer`` for one
+        sequence beyond the standard attention + MLP count (relative-position terms)."""
+        return 0, 0
+
+    def outside_extra_macs(self, seq_len: int) -> int:
+        """Multiply-adds outside the layers beyond the norms (per sequence)."""
+        return 0
+
     def norm_macs_per_token(self) -> tuple[int, int]:
         """(per layer, outside layers) multiply-adds that fvcore counts for normalisations."""
         return 0, 0

@@ -1,6 +1,6 @@
 """Adapters for the supported families, and :func:`get_adapter`.
 
-Supported: BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT),
+Supported: BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT), DeBERTa-v2/v3,
 DistilBERT, the Llama family (Llama-2/3, Mistral, Qwen2, Qwen3: grouped-query attention,
 gated MLP; Qwen3's per-head q/k RMSNorms act over ``head_dim`` and need no change), Gemma /
 Gemma 2 / Gemma 3 text (sandwich norms, GQA or MQA, sliding-window and global layers),
@@ -61,6 +61,66 @@ class BertAdapter(Adapter):
     def norm_macs_per_token(self) -> tuple[int, int]:
         # fvcore counts LayerNorm as 5 flops per element; two per layer, one after embeddings.
         return 2 * 5 * self.hidden_size, 5 * self.hidden_size
+
+
+class DebertaV2Adapter(BertAdapter):
+    """DeBERTa-v2 / v3: the BERT layout with disentangled attention. The relative-position
+    embeddings (``R = 2 * att_span`` rows, shared by all layers) are projected per layer by
+    ``query_proj`` / ``key_proj`` (``share_att_key``, v3) or by ``pos_query_proj`` /
+    ``pos_key_proj``, one ``head_dim`` block of rows per head, so removing a head removes
+    its rows there too; content-to-position and position-to-content scores cost
+    ``seq * R * head_dim`` each per head. The position projections run once per batch, so
+    the per-sequence count is exact for one sequence (as fvcore measures) and an upper
+    bound for larger batches."""
+
+    family = "deberta-v2"
+    model_types = ("deberta-v2",)
+
+    def _self(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attention.self
+
+    def attn(self, layer: int) -> AttnParts:
+        att = self.layers()[layer].attention
+        s = att.self
+        d = getattr(self.config, "attention_head_size", None) or self._head_dim()
+        if isinstance(s, EmptyAttention):
+            return AttnParts(None, None, None, att.output.dense, d, 1)
+        return AttnParts(s.query_proj, s.key_proj, s.value_proj, att.output.dense, s.attention_head_size, 1)
+
+    def extra_head_projs(self, layer: int) -> list[nn.Linear | Proj]:
+        s = self._self(layer)
+        return [p for p in (getattr(s, "pos_key_proj", None), getattr(s, "pos_query_proj", None)) if p is not None]
+
+    def update_attn_attrs(self, layer: int, units: int) -> None:
+        s = self._self(layer)
+        if not isinstance(s, EmptyAttention):
+            s.num_attention_heads = units
+            s.all_head_size = units * s.attention_head_size
+
+    def _relative(self) -> tuple[int, list[str], bool] | None:
+        c = self.config
+        if not getattr(c, "relative_attention", False):
+            return None
+        buckets = getattr(c, "position_buckets", -1)
+        span = buckets if buckets > 0 else (c.max_relative_positions if c.max_relative_positions >= 1
+                                             else c.max_position_embeddings)
+        return 2 * span, list(c.pos_att_type or []), bool(getattr(c, "share_att_key", False))
+
+    def extra_macs(self, layer: int, seq_len: int) -> tuple[int, int]:
+        rel = self._relative()
+        if rel is None:
+            return 0, 0
+        R, types, shared = rel
+        d, h = self.attn(layer).head_dim, self.hidden_size
+        projections = 2 if shared else sum(t in types for t in ("c2p", "p2c"))
+        scores = sum(t in types for t in ("c2p", "p2c"))
+        return projections * R * h * d + scores * seq_len * R * d, 0
+
+    def outside_extra_macs(self, seq_len: int) -> int:
+        rel = self._relative()
+        if rel is None or "layer_norm" not in str(getattr(self.config, "norm_rel_ebd", "none")).lower():
+            return 0
+        return 5 * rel[0] * self.hidden_size  # LayerNorm of the relative embeddings, once per forward
 
 
 class DistilBertAdapter(Adapter):
@@ -360,7 +420,7 @@ class ModernBertAdapter(Adapter):
         return 2 * 5 * self.hidden_size, (total - 2 * self.num_layers) * 5 * self.hidden_size
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DistilBertAdapter, LlamaAdapter, GemmaAdapter, Phi3Adapter,
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DebertaV2Adapter, DistilBertAdapter, LlamaAdapter, GemmaAdapter, Phi3Adapter,
                                        Gpt2Adapter, GptNeoXAdapter, OptAdapter, ModernBertAdapter)
 
 
@@ -405,8 +465,6 @@ UNSUPPORTED: dict[str, str] = {
                  "count per expert; mixture-of-experts pruning is not implemented",
     "qwen3_moe": "transformers 5 stores the experts fused as 3-D tensors, which cannot hold a different neuron "
                  "count per expert; mixture-of-experts pruning is not implemented",
-    "deberta-v2": "DeBERTa-v2/v3's disentangled attention adds relative-position projections and "
-                  "content-to-position score terms that the cost model and the surgery do not cover yet",
 }
 
 
