@@ -27,7 +27,9 @@ ModernBERT, and GPT-NeoX, whose parallel residual makes ``output - Down`` the in
 the attention).
 Gemma 2/3 normalise each sub-layer's output before adding it to the stream ("sandwich"
 norms), so a residual drift cannot be moved linearly onto the projections: there the
-target is the teacher's projection output itself (minus bias), without residuals.
+target is the teacher's projection output itself (minus bias), without residuals. The
+generic adapter (layout not reviewed) uses these projection-output targets too; the report
+names the targets used.
 
 Order (as in the public code): layer by layer; within a layer the attention scales are
 solved first, then the MLP's on student activations that already use them; then the
@@ -65,6 +67,20 @@ MLP_RESIDUAL = {"bert": "mlp_input", "deberta-v2": "mlp_input", "distilbert": "m
                 "llama": "output_minus_mlp",
                 "phi3": "output_minus_mlp", "gpt2": "output_minus_mlp", "gpt_neox": "output_minus_mlp",
                 "modernbert": "output_minus_mlp", "gemma": "none"}
+
+
+
+def residual_layout(adapter: Adapter) -> str:
+    """The family's entry of :data:`MLP_RESIDUAL`; ``"none"`` (projection-output targets,
+    valid whatever the residual wiring) for the generic adapter, whose layout is unknown."""
+    if adapter.family == "generic":
+        return "none"
+    if adapter.family not in MLP_RESIDUAL:
+        raise ValueError(f"mask tuning knows the residual layout of the families {sorted(MLP_RESIDUAL)}, "
+                         f"not {adapter.family!r}")
+    return MLP_RESIDUAL[adapter.family]
+
+
 CHUNK_ELEMENTS = 1 << 24  # bound on (units x tokens x hidden) per attention contribution block
 
 
@@ -154,13 +170,11 @@ def tune_masks(
     device: torch.device | str | None = None,
 ) -> TuneResult:
     """Tuned real masks for ``selection`` (see the module docstring); the model is not changed."""
-    if adapter.family not in MLP_RESIDUAL:
-        raise ValueError(f"mask tuning knows the residual layout of the families {sorted(MLP_RESIDUAL)}, "
-                         f"not {adapter.family!r}")
+    layout = residual_layout(adapter)
     counts = (adapter.head_counts(), adapter.neuron_counts())
     selection.check(*counts)
-    pre_norm = MLP_RESIDUAL[adapter.family] == "output_minus_mlp"
-    sandwich = MLP_RESIDUAL[adapter.family] == "none"  # targets without residuals
+    pre_norm = layout == "output_minus_mlp"
+    sandwich = layout == "none"  # targets without residuals
     hm, nm = selection.masks(*counts)  # 0/1 float32, per layer
     dev = torch.device(device) if device is not None else next(adapter.model.parameters()).device
     masks_dev = [m.to(dev) for m in hm + nm]  # read by the hooks at every forward; edited in place

@@ -7,9 +7,10 @@ Gemma 2 / Gemma 3 text (sandwich norms, GQA or MQA, sliding-window and global la
 Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``), GPT-2 (``Conv1D``, fused ``c_attn``),
 GPT-NeoX / Pythia (per-head interleaved ``query_key_value``, parallel residual), OPT
 decoders, and ModernBERT encoders (fused ``Wqkv`` and GLU ``Wi``, local / global layers).
-Other decoders of the common layout get the generic adapter of :mod:`.generic`. Hugging Face attention modules infer the head count from the projection
-shapes (``view(..., -1, head_dim)``), so removing rows/columns is all surgery needs,
-except when a layer loses every unit (see :class:`EmptyAttention`).
+Other decoders of the common layout get the generic adapter of :mod:`.generic`. Hugging
+Face attention modules infer the head count from the projection shapes
+(``view(..., -1, head_dim)``), so removing rows/columns is all surgery needs, except when
+a layer loses every unit (see :class:`EmptyAttention`) and where noted per adapter.
 
 Grouped-query attention: the attention *unit* is one KV group, i.e. one key/value head
 together with the ``num_attention_heads / num_key_value_heads`` query heads that share it.
