@@ -180,3 +180,19 @@ def test_deberta_separate_position_projections(types):
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
     measured = measure_flops(model, 16)["total"]
     assert abs(cost.backbone_macs(adapter.widths()) - measured) <= 0.01 * measured
+
+
+def test_catalog_matches_the_adapters_and_imports_no_torch():
+    """``harness plugins`` can show the architecture table without importing torch."""
+    import subprocess
+    import sys
+
+    from tshrink.arch.catalog import FAMILIES, architecture_rows
+    from tshrink.arch.families import ADAPTERS
+
+    assert {cls.family: tuple(cls.model_types) for cls in ADAPTERS} == {f: t for f, (t, _) in FAMILIES.items()}
+    assert any(r["model types"] == "mixtral" and "fused" in r["notes"] for r in architecture_rows())
+    code = ("import sys\nfrom tshrink.arch.catalog import architecture_rows\narchitecture_rows()\n"
+            "assert 'torch' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

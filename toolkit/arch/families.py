@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, AttnParts, EmptyAttention, MlpParts, Proj
+from .catalog import UNSUPPORTED
 
 
 class BertAdapter(Adapter):
@@ -454,19 +455,6 @@ def supported_architectures() -> dict[str, str]:
                 if not cls_name.endswith("Config"):
                     out[cls_name] = family
     return dict(sorted(out.items()))
-
-
-#: model types that look supportable but are not, and why (shown by ``get_adapter``)
-UNSUPPORTED: dict[str, str] = {
-    "gemma3": "Gemma 3 with its vision tower (Gemma3ForConditionalGeneration) is not supported; load the text "
-              "model (model_type 'gemma3_text', Gemma3ForCausalLM), which is",
-    "mixtral": "transformers 5 stores the experts fused as 3-D tensors (experts.gate_up_proj, experts.down_proj), "
-               "which cannot hold a different neuron count per expert; mixture-of-experts pruning is not implemented",
-    "qwen2_moe": "transformers 5 stores the experts fused as 3-D tensors, which cannot hold a different neuron "
-                 "count per expert; mixture-of-experts pruning is not implemented",
-    "qwen3_moe": "transformers 5 stores the experts fused as 3-D tensors, which cannot hold a different neuron "
-                 "count per expert; mixture-of-experts pruning is not implemented",
-}
 
 
 def unsupported_reasons() -> dict[str, str]:
