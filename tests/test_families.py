@@ -196,3 +196,29 @@ def test_catalog_matches_the_adapters_and_imports_no_torch():
             "assert 'torch' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmo2"])
+def test_harness_prune_refuses_with_the_reason_before_loading(arch, tmp_path, capsys):
+    """A refused family is one clear line from ``harness prune``: known refusals from the config
+    before loading; the generic adapter's numerical check once the model is loaded, before
+    calibration and scoring."""
+    import transformers as tf
+
+    from _harness_fixtures import run_cli
+    from _tokenizers import byte_bpe_tokenizer
+
+    tokenizer = byte_bpe_tokenizer(["some calibration text for a tiny model " * 20])
+    common = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, vocab_size=len(tokenizer), pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    cfg = (tf.MixtralConfig(num_local_experts=4, **common) if arch == "mixtral" else tf.Olmo2Config(**common))
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    rc, err = run_cli(["prune", "--method", "magnitude", "--model", str(tmp_path / "tiny"), "--flops", "0.5",
+                       "--output", str(tmp_path / "out"), "--calib-samples", "4", "--seq-len", "16"], capsys)
+    assert rc == 2, err
+    if arch == "mixtral":
+        assert "(mixtral) has none" in err and "experts fused" in err and "Loading weights" not in err, err
+    else:
+        assert "unsupported architecture 'olmo2'" in err and "masked-vs-pruned check" in err, err
+    assert not (tmp_path / "out").exists()

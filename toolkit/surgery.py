@@ -12,6 +12,7 @@ once, so its layout (blocks, interleaving) is kept. GPT-2's ``Conv1D`` (weights 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -38,6 +39,7 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
     return out
 
 
+@functools.cache
 def _conv1d_class() -> type[nn.Module]:
     from transformers.pytorch_utils import Conv1D
 
