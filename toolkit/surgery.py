@@ -78,6 +78,10 @@ def _keep(block: nn.Module, plan: list[tuple[nn.Module | Proj, torch.Tensor]], d
         groups.setdefault(id(module), (module, []))[1].append(idx)
     for module, parts in groups.values():
         index = torch.cat(parts).sort().values  # the module's own order (blocks, interleaving)
+        w = module.weight
+        size = w.shape[0] if isinstance(module, nn.Linear) == (dim == 0) else w.shape[1]
+        if index.numel() == size and bool((index.cpu() == torch.arange(size)).all()):
+            continue  # every row / column kept: leave the module as it is
         _replace(block, module, _slice_module(module, index, dim))
 
 
@@ -111,6 +115,28 @@ def prune_heads(adapter: Adapter, layer: int, keep: list[int]) -> None:
     adapter.update_attn_attrs(layer, len(keep))
 
 
+def prune_query_heads(adapter: Adapter, layer: int, keep: list[int]) -> None:
+    """Keep only query heads ``keep`` (indices ``unit * group + j``) under grouped-query
+    attention; every unit must keep the same number ``g'`` of its ``group`` query heads, so
+    the layer stays a GQA layer, with groups of ``g'`` (K and V are not touched)."""
+    parts = adapter.attn(layer)
+    d, g, units = parts.head_dim, parts.group, parts.units
+    keep = sorted(set(int(i) for i in keep))
+    if keep == list(range(units * g)):
+        return
+    if g == 1:
+        raise ValueError(f"layer {layer}: query-head units need grouped-query attention (one query head per KV head "
+                         "here); remove whole heads instead")
+    Selection([list(range(units))], [[]], [keep]).group_sizes([g])  # same g' >= 1 in every unit
+    heads = torch.as_tensor(keep, dtype=torch.long).reshape(-1, 1)
+    q_idx = (heads * d + torch.arange(d)).flatten()  # (units*g'*d,) rows of Q, columns of O
+    kv_idx = torch.arange(units * d)
+    block = adapter.layers()[layer]
+    _keep(block, [(parts.o, q_idx)], dim=1)
+    _keep(block, [(parts.q, q_idx), (parts.k, kv_idx), (parts.v, kv_idx)], dim=0)
+    adapter.update_attn_attrs(layer, units)
+
+
 def prune_neurons(adapter: Adapter, layer: int, keep: list[int]) -> None:
     """Keep only MLP neurons ``keep`` (gate/up rows and down columns together)."""
     parts = adapter.mlp(layer)
@@ -125,15 +151,29 @@ def prune_neurons(adapter: Adapter, layer: int, keep: list[int]) -> None:
 
 
 def apply_selection(adapter: Adapter, selection: Selection) -> None:
-    """Physically remove every unit outside ``selection`` (in place)."""
+    """Physically remove every unit outside ``selection`` (in place): whole units, then the
+    query heads that ``selection.query_heads`` drops inside the kept ones."""
     selection.check(adapter.head_counts(), adapter.neuron_counts())
+    groups = adapter.group_sizes()
+    if selection.query_heads is not None:
+        selection.group_sizes(groups)  # validate before anything is removed
     for layer in range(adapter.num_layers):
         prune_heads(adapter, layer, selection.heads[layer])
+        q = selection.query_heads[layer] if selection.query_heads is not None else None
+        if q is not None and selection.heads[layer]:
+            g = groups[layer]
+            new_unit = {u: i for i, u in enumerate(selection.heads[layer])}  # after removing units
+            prune_query_heads(adapter, layer, [new_unit[h // g] * g + h % g for h in q])
         prune_neurons(adapter, layer, selection.neurons[layer])
 
 
 def shrink_to_widths(adapter: Adapter, widths: dict[str, list[int]]) -> None:
-    """Give every layer the recorded widths (keeping the first units); used when loading a
-    pruned checkpoint into a freshly built full-size model before its weights are read."""
-    sel = Selection([list(range(n)) for n in widths["heads"]], [list(range(n)) for n in widths["neurons"]])
-    apply_selection(adapter, sel)
+    """Give every layer the recorded widths (keeping the first units, and with ``"group"``
+    the first query heads of each unit); used when loading a pruned checkpoint into a
+    freshly built full-size model before its weights are read."""
+    heads = [list(range(n)) for n in widths["heads"]]
+    query = None
+    if "group" in widths:
+        dense = adapter.group_sizes()
+        query = [[u * g0 + j for u in h for j in range(g)] for h, g, g0 in zip(heads, widths["group"], dense)]
+    apply_selection(adapter, Selection(heads, [list(range(n)) for n in widths["neurons"]], query))

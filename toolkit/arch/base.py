@@ -205,8 +205,24 @@ class Adapter:
     def neuron_counts(self) -> list[int]:
         return [self.mlp(layer).neurons for layer in range(self.num_layers)]
 
+    def group_sizes(self) -> list[int]:
+        """Query heads per attention unit in each layer, now (1 for multi-head attention)."""
+        return [self.attn(layer).group for layer in range(self.num_layers)]
+
+    def dense_group(self) -> int:
+        """Query heads per KV head in the unpruned architecture (from the config)."""
+        c = self.config
+        heads = getattr(c, "num_attention_heads", None) or 1
+        return heads // (getattr(c, "num_key_value_heads", None) or heads)
+
     def widths(self) -> dict[str, list[int]]:
-        return {"heads": self.head_counts(), "neurons": self.neuron_counts()}
+        """Units and neurons per layer; plus ``"group"`` (query heads per unit) once some
+        layer's group differs from the architecture's (query-head units were removed)."""
+        out = {"heads": self.head_counts(), "neurons": self.neuron_counts()}
+        groups = self.group_sizes()
+        if any(g != self.dense_group() for g in groups):
+            out["group"] = groups
+        return out
 
     def unit_columns(self, layer: int, units: list[int] | torch.Tensor) -> torch.Tensor:
         """Indices of the output-projection input columns that belong to ``units``."""

@@ -179,6 +179,7 @@ class LlamaAdapter(Adapter):
         d, g = self._dims()
         if isinstance(a, EmptyAttention):
             return AttnParts(None, None, None, a.o_proj, d, g)
+        g = a.q_proj.out_features // max(a.k_proj.out_features, 1)  # query heads per KV head, now
         return AttnParts(a.q_proj, a.k_proj, a.v_proj, a.o_proj, d, g)
 
     def mlp(self, layer: int) -> MlpParts:
@@ -188,6 +189,11 @@ class LlamaAdapter(Adapter):
     def empty_attention(self, layer: int) -> None:
         block = self.layers()[layer]
         block.self_attn = EmptyAttention(block.self_attn.o_proj, "o_proj")
+
+    def update_attn_attrs(self, layer: int, units: int) -> None:
+        a = self.layers()[layer].self_attn
+        if not isinstance(a, EmptyAttention):
+            a.num_key_value_groups = self.attn(layer).group  # repeat_kv / SDPA's GQA packing read it
 
 
 class OptAdapter(Adapter):
@@ -264,8 +270,9 @@ class Phi3Adapter(Adapter):
         d, g = self._dims()
         if isinstance(a, EmptyAttention):
             return AttnParts(None, None, None, a.o_proj, d, g)
-        units = a.o_proj.in_features // (g * d)
-        nq, nkv = units * g * d, units * d
+        nq = a.o_proj.in_features  # units * g * d
+        nkv = (a.qkv_proj.out_features - nq) // 2  # units * d
+        g = nq // max(nkv, 1)
         qkv = a.qkv_proj
         return AttnParts(Proj(qkv, rows=slice(0, nq)), Proj(qkv, rows=slice(nq, nq + nkv)),
                          Proj(qkv, rows=slice(nq + nkv, nq + 2 * nkv)), a.o_proj, d, g)
@@ -284,7 +291,7 @@ class Phi3Adapter(Adapter):
         a = self.layers()[layer].self_attn
         if isinstance(a, EmptyAttention):
             return
-        _, g = self._dims()
+        g = self.attn(layer).group
         # Phi3Attention splits qkv at ``self.config.num_attention_heads * head_dim``: the
         # module gets its own copy of the config with this layer's head counts (the model's
         # config, which is what is saved, keeps the dense ones).
@@ -293,6 +300,7 @@ class Phi3Adapter(Adapter):
         a.config.num_attention_heads = units * g
         a.config.num_key_value_heads = units
         a.num_key_value_heads = units
+        a.num_key_value_groups = g
 
 
 class Gpt2Adapter(Adapter):

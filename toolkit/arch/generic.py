@@ -58,7 +58,8 @@ class GenericDecoderAdapter(Adapter):
         d, g = self._dims()
         if isinstance(a, EmptyAttention):
             return AttnParts(None, None, None, getattr(a, o), d, g)
-        return AttnParts(getattr(a, q), getattr(a, k), getattr(a, v), getattr(a, o), d, g)
+        q, k, v, o = (getattr(a, n) for n in (q, k, v, o))
+        return AttnParts(q, k, v, o, d, q.out_features // max(k.out_features, 1))
 
     def mlp(self, layer: int) -> MlpParts:
         m = getattr(self.layers()[layer], self.names["mlp"])
@@ -74,9 +75,9 @@ class GenericDecoderAdapter(Adapter):
         a = getattr(self.layers()[layer], self.names["attn"])
         if isinstance(a, EmptyAttention):
             return
-        _, g = self._dims()
+        g = self.attn(layer).group
         for attr, value in (("num_heads", units * g), ("num_attention_heads", units * g),
-                            ("num_key_value_heads", units)):
+                            ("num_key_value_heads", units), ("num_key_value_groups", g)):
             if isinstance(getattr(a, attr, None), int):
                 setattr(a, attr, value)
 
@@ -141,7 +142,7 @@ def _check(adapter: GenericDecoderAdapter) -> str | None:
     try:
         p, m = adapter.attn(at), adapter.mlp(at)
         c = adapter.config
-        if p.q.out_features != p.units * g * d or p.k.out_features != p.units * d:
+        if p.q.out_features != p.units * p.group * d or p.k.out_features != p.units * d:
             return (f"q_proj/k_proj widths ({p.q.out_features}/{p.k.out_features}) do not match "
                     f"{c.num_attention_heads} heads x head_dim {d} with groups of {g}")
         vocab = int(getattr(c, "vocab_size", 2) or 2)
