@@ -2,7 +2,9 @@
 
 A *unit* is what structured pruning removes: an attention unit (one head; for grouped-query
 attention one KV group, i.e. a key/value head with all query heads that share it) or an MLP
-neuron (for a gated MLP the gate row, the up row and the down column together). Per-layer
+neuron (for a gated MLP the gate row, the up row and the down column together). Under
+grouped-query attention a selection may also drop query heads inside the kept groups
+(``Selection.query_heads``: the same number kept in every group of a layer). Per-layer
 counts may differ (a model pruned before has non-uniform widths).
 """
 from __future__ import annotations
@@ -131,11 +133,10 @@ class Selection:
 
     def widths(self, groups: list[int] | None = None) -> dict[str, list[int]]:
         """Kept units and neurons per layer; with ``query_heads`` and the layers' current
-        ``groups`` also ``"group"``, the query heads per kept unit."""
+        ``groups`` also ``"group"``, the query heads per kept unit (without ``groups`` the
+        group sizes are left out: they need the model's)."""
         out = {"heads": [len(h) for h in self.heads], "neurons": [len(n) for n in self.neurons]}
-        if self.query_heads is not None:
-            if groups is None:
-                raise ValueError("selection.widths() of a selection with query_heads needs the layers' group sizes")
+        if self.query_heads is not None and groups is not None:
             out["group"] = self.group_sizes(groups)
         return out
 
