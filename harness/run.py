@@ -137,14 +137,15 @@ def check_architecture(specs: list[Any], registry: Any, config: Any, model: str)
     """ValueError when a structured method (score/select/refine/correct stages) is asked
     for a model type no architecture adapter supports (e.g. Marian); transform-only
     methods (quantization, unstructured sparsity) walk the modules and work on any."""
-    from tshrink.arch.families import supported_model_types
+    from tshrink.arch.families import architecture_support, supported_model_types
 
     model_type = getattr(config, "model_type", None)
     structural = [s.name for s in specs if s.recipe.prunes]
-    if structural and model_type not in supported_model_types():
+    reason = architecture_support(config) if structural else None
+    if reason is not None:
         only = sorted(n for n, m in registry.methods.items() if not m.recipe.prunes)
         raise ValueError(f"method(s) {structural} remove attention heads / MLP neurons and need an architecture "
-                         f"adapter; model {model!r} ({model_type}) has none (supported model types: "
+                         f"adapter; model {model!r} ({model_type}) has none: {reason} (supported model types: "
                          f"{', '.join(supported_model_types())}). Methods that only transform weights work on it: "
                          f"{', '.join(only) or '(none installed)'}")
 

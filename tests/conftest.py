@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # the tiny models and batches are the plugin authors' test kit too (tshrink.testing)
-from tshrink.testing import FAMILIES, tiny_batches, tiny_model  # noqa: E402,F401
+from tshrink.testing import DECODERS, FAMILIES, GENERIC, tiny_batches, tiny_model  # noqa: E402,F401
 
 
 @pytest.fixture(params=FAMILIES)

@@ -259,6 +259,7 @@ def test_edited_manifest_names_the_field(edit, expect, tmp_path, capsys):
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=expect):
         load_pruned(path)
+    capsys.readouterr()  # the set-up's own output
     rc, err = run_cli(_prune(path, str(tmp_path / "out")), capsys)
     assert rc == 2 and err.count("\n") == 1 and MANIFEST in err, err
 
@@ -276,11 +277,13 @@ def test_manifest_widths_disagreeing_with_a_tensor_names_both(tmp_path):
 def test_damaged_files_get_one_line(tmp_path, capsys):
     path = _checkpoint(tmp_path)
     (path / MANIFEST).write_text("{ not json")
+    capsys.readouterr()
     rc, err = run_cli(_prune(path, str(tmp_path / "o1")), capsys)
     assert rc == 2 and "not valid JSON" in err and err.count("\n") == 1
     path = _checkpoint(tmp_path / "b")
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])  # truncated
+    capsys.readouterr()
     rc, err = run_cli(_prune(path, str(tmp_path / "o2")), capsys)
     assert rc == 2 and "model.safetensors" in err and "damaged or truncated" in err and err.count("\n") == 1
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import tiny_batches, tiny_model
+from conftest import DECODERS, tiny_batches, tiny_model
 from tshrink.arch.families import get_adapter
 from tshrink.checkpoint import load_pruned, save_pruned
 from tshrink.masking import soft_masks
@@ -56,6 +56,9 @@ def test_parameter_count_shrinks_as_expected(family):
         per_unit = sum(lin.weight.shape[0] // a.units * (lin.weight.shape[1] + (lin.bias is not None))
                        for lin in (a.q, a.k, a.v)) + a.o.weight.shape[0] * a.head_dim * a.group
         expected_removed += dropped * per_unit
+        if not sel.heads[layer]:  # per-head q/k norms (Qwen3, Gemma 3) go with the attention block
+            expected_removed += sum(p.numel() for n, p in adapter.layers()[layer].named_parameters()
+                                    if n.rsplit(".", 2)[-2] in ("q_norm", "k_norm"))
         per_neuron = sum(lin.weight.shape[1] + (lin.bias is not None) for lin in m.inputs) + m.out.weight.shape[0]
         expected_removed += (m.neurons - len(sel.neurons[layer])) * per_neuron
     apply_selection(adapter, sel)
@@ -63,7 +66,7 @@ def test_parameter_count_shrinks_as_expected(family):
 
 
 def test_save_reload_identical(family, tmp_path):
-    model = tiny_model(family, head="causal-lm" if family in ("llama", "mistral", "qwen2", "opt") else "sequence-classification")
+    model = tiny_model(family, head="causal-lm" if family in DECODERS else "sequence-classification")
     adapter = get_adapter(model)
     apply_selection(adapter, _random_selection(adapter, seed=2))
     batch = tiny_batches(family).batches[0]
@@ -79,7 +82,6 @@ def test_unsupported_architecture_names_supported_ones():
     import transformers as tf
     import pytest
 
-    model = tf.GPTNeoXModel(tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                             intermediate_size=48, vocab_size=50))
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt_neox'.*bert.*llama"):
+    model = tf.T5Model(tf.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture 't5'.*bert.*gpt2.*llama"):
         get_adapter(model)

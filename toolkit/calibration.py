@@ -6,6 +6,12 @@ arguments the backbone passes to its layers (attention mask, rotary embeddings),
 runs ONE layer at a time: memory is bounded by one layer's activations, whatever the depth.
 After a method changes layer ``l`` (masks, corrected weights) it calls :meth:`advance`, so
 layer ``l + 1`` sees inputs produced by the already-pruned layers (sequential pruning).
+
+Models whose layers differ in kind (``config.layer_types``: Gemma 2/3's sliding-window and
+global layers, each with its own mask and rotary table) get the arguments of every layer:
+the first pass then runs each layer as a recorder that passes its input through, so it
+costs the embeddings and the final norm only, and the stored arguments are references to
+the few tensors the backbone builds once per batch.
 """
 from __future__ import annotations
 
@@ -121,20 +127,37 @@ class LayerStream:
         self.layer = 0
         self._batch = 0  # index of the batch being run (for capture hooks)
         self.hidden: list[torch.Tensor] = []  # per batch: (batch, seq, hidden) on offload
-        self.args: list[tuple[Any, ...]] = []  # per batch: further positional arguments of the layer call
-        self.kwargs: list[dict[str, Any]] = []  # per batch: what the backbone passes every layer
         self.token_masks: list[torch.Tensor] = []  # per batch: (batch, seq) bool, True = real token
-        first = adapter.layers()[0]
+        # per layer kind, per batch: the further positional / keyword arguments of the layer call
+        self._layer_args: dict[int, list[tuple[Any, ...]]] = {}
+        self._layer_kwargs: dict[int, list[dict[str, Any]]] = {}
+        types = list(getattr(adapter.config, "layer_types", None) or [])
+        per_layer = len(types) == adapter.num_layers and len(set(types)) > 1
+        self._kind = [types.index(t) for t in types] if per_layer else [0] * adapter.num_layers
+        layers = adapter.layers()
+        drop = ("past_key_values", "past_key_value", "use_cache", "cache")
+
+        def record(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if layer == 0:
+                self.hidden.append(hidden.detach().to(self.offload))
+            if self._kind[layer] == layer:  # first layer of its kind
+                self._layer_args.setdefault(layer, []).append(tuple(args[1:]))
+                self._layer_kwargs.setdefault(layer, []).append({k: v for k, v in kwargs.items() if k not in drop})
+            return hidden
 
         def grab(module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            self.hidden.append(hidden.detach().to(self.offload))
-            self.args.append(tuple(args[1:]))
-            self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+            record(0, args, kwargs)
             raise _Stop
 
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        handles, saved = [], []
         try:
+            if per_layer:  # every layer records and passes its input through
+                for i, block in enumerate(layers):
+                    saved.append((block, block.__dict__.get("forward")))
+                    block.forward = lambda *a, _i=i, **k: record(_i, a, k)
+            else:
+                handles.append(layers[0].register_forward_pre_hook(grab, with_kwargs=True))
             with torch.no_grad():
                 for batch in calib.batches:
                     try:
@@ -143,7 +166,15 @@ class LayerStream:
                         pass
                     self.token_masks.append(batch["attention_mask"].bool())
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+            for block, fwd in saved:
+                if fwd is None:
+                    del block.forward
+                else:
+                    block.forward = fwd
+        self.args: list[tuple[Any, ...]] = self._layer_args[0]  # per batch: layer 0's further positional arguments
+        self.kwargs: list[dict[str, Any]] = self._layer_kwargs[0]  # per batch: what the backbone passes layer 0
 
     def __len__(self) -> int:
         return self.adapter.num_layers
@@ -152,9 +183,11 @@ class LayerStream:
         """Run the current layer on every batch; ``fn(output, batch_index)`` sees each output
         (batch, seq, hidden). Returns the outputs (on ``offload``)."""
         block = self.adapter.layers()[self.layer]
+        kind = self._kind[self.layer]
         outs = []
         with torch.no_grad():
-            for i, (hidden, args, kwargs) in enumerate(zip(self.hidden, self.args, self.kwargs)):
+            for i, (hidden, args, kwargs) in enumerate(zip(self.hidden, self._layer_args[kind],
+                                                           self._layer_kwargs[kind])):
                 self._batch = i
                 out = block(hidden.to(self.device), *args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out  # (batch, seq, hidden)

@@ -228,6 +228,7 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
     else:
         from transformers.initialization import no_init_weights
 
+        from .arch.keys import rename_checkpoint_keys
         from .surgery import shrink_to_widths
 
         with no_init_weights():
@@ -235,7 +236,7 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
         adapter = get_adapter(model)
         _check_widths(adapter, manifest["widths"], file)
         shrink_to_widths(adapter, manifest["widths"])
-        state = _state_dict(path)
+        state = rename_checkpoint_keys(model, _state_dict(path))
         _shape_mismatches(model, state, manifest["widths"], file)
         missing, unexpected = model.load_state_dict(state, strict=False)
         model.tie_weights()

@@ -10,8 +10,11 @@ budgets and reported FLOPs cover the backbone's hidden states, as in Kwon et al.
 
 Per token, one attention unit with ``g`` query heads of size ``d`` sharing one K/V head
 costs ``hidden*d*(2g+2)`` in the projections (Q and O: ``g*d*hidden`` each, K and V:
-``d*hidden`` each) plus ``2*g*seq_len*d`` for the scores and the weighted sum; one MLP neuron
-costs ``2*hidden`` (``3*hidden`` for a gated MLP).
+``d*hidden`` each) plus ``2*g*seq_len*d`` for the scores and the weighted sum, i.e. a
+per-unit part (K, V) plus ``g`` times a per-query-head part; one MLP neuron
+costs ``2*hidden`` (``3*hidden`` for a gated MLP). Families with further attention terms
+(DeBERTa's relative-position projections and scores) add them per unit through
+:meth:`Adapter.extra_macs`.
 """
 from __future__ import annotations
 
@@ -23,14 +26,19 @@ from .units import Selection
 
 @dataclass(frozen=True)
 class LayerCost:
-    """MACs for one sequence: per attention unit, per neuron, and width-independent."""
+    """MACs for one sequence: per attention unit (at the layer's group size when the cost
+    model was built), per neuron, and width-independent. ``kv`` + ``group * query_head`` is
+    the unit cost at another group size (query-head units under GQA)."""
 
     head: int
     neuron: int
     fixed: int
+    kv: int = 0  # per unit: its K and V projections (and per-unit extras)
+    query_head: int = 0  # per query head: its Q and O projections, scores and weighted sum
 
-    def macs(self, heads: int, neurons: int) -> int:
-        return self.fixed + heads * self.head + neurons * self.neuron
+    def macs(self, heads: int, neurons: int, group: int | None = None) -> int:
+        unit = self.head if group is None else self.kv + group * self.query_head
+        return self.fixed + heads * unit + neurons * self.neuron
 
 
 class CostModel:
@@ -51,16 +59,20 @@ class CostModel:
         for layer in range(adapter.num_layers):
             p = adapter.attn(layer)
             d, g = p.head_dim, p.group
-            head = s * h * d * (2 * g + 2) + 2 * g * s * s * d
-            self.layers.append(LayerCost(head=head, neuron=neuron, fixed=s * per_layer_norm))
-        self.outside = s * outside_norm
+            extra_head, extra_fixed = adapter.extra_macs(layer, s)
+            kv, query_head = 2 * s * h * d + extra_head, 2 * s * h * d + 2 * s * s * d
+            self.layers.append(LayerCost(head=kv + g * query_head, neuron=neuron, fixed=s * per_layer_norm + extra_fixed,
+                                         kv=kv, query_head=query_head))
+        self.outside = s * outside_norm + adapter.outside_extra_macs(s)
+        self.groups = adapter.group_sizes()
         self.dense = adapter.widths()
 
     # -- totals ---------------------------------------------------------------------
     def layer_macs(self, widths: dict[str, list[int]] | Selection | None = None) -> list[int]:
         """MACs of each transformer layer for ``widths`` (default: the dense widths)."""
         w = self._widths(widths)
-        return [c.macs(nh, nn) for c, nh, nn in zip(self.layers, w["heads"], w["neurons"])]
+        groups = w.get("group") or [None] * len(self.layers)
+        return [c.macs(nh, nn, g) for c, nh, nn, g in zip(self.layers, w["heads"], w["neurons"], groups)]
 
     def macs(self, widths: dict[str, list[int]] | Selection | None = None) -> int:
         """MACs of all transformer layers (what budgets are a fraction of)."""
@@ -83,13 +95,14 @@ class CostModel:
         if widths is None:
             return self.dense
         if isinstance(widths, Selection):
-            return widths.widths()
+            return widths.widths(self.groups if widths.query_heads is not None else None)
         return widths
 
     def table(self) -> list[dict[str, int]]:
         """Per-layer costs, for reports."""
         return [
-            {"layer": i, "head_unit_macs": c.head, "neuron_macs": c.neuron, "fixed_macs": c.fixed}
+            {"layer": i, "head_unit_macs": c.head, "query_head_macs": c.query_head, "neuron_macs": c.neuron,
+             "fixed_macs": c.fixed}
             for i, c in enumerate(self.layers)
         ]
 

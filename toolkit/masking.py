@@ -20,20 +20,37 @@ def soft_masks(
     adapter: Adapter,
     head_masks: list[torch.Tensor | None] | None = None,
     neuron_masks: list[torch.Tensor | None] | None = None,
+    query_head_masks: list[torch.Tensor | None] | None = None,
 ) -> Iterator[None]:
     """Apply per-layer masks while the context is open (``None`` entries: no mask).
 
-    ``head_masks[l]`` has shape ``(units_l,)``, ``neuron_masks[l]`` ``(neurons_l,)``. The
-    tensors are read at every forward pass, so they may be changed in place in between.
+    ``head_masks[l]`` has shape ``(units_l,)``, ``neuron_masks[l]`` ``(neurons_l,)``,
+    ``query_head_masks[l]`` ``(units_l * group_l,)`` (one value per query head, grouped-query
+    attention). The tensors are read at every forward pass, so they may be changed in place
+    in between.
     """
     handles = []
     n = adapter.num_layers
     head_masks = head_masks or [None] * n
     neuron_masks = neuron_masks or [None] * n
-    if len(head_masks) != n or len(neuron_masks) != n:
-        raise ValueError(f"masks for {len(head_masks)}/{len(neuron_masks)} layers, the model has {n}")
+    query_head_masks = query_head_masks or [None] * n
+    if len(head_masks) != n or len(neuron_masks) != n or len(query_head_masks) != n:
+        raise ValueError(f"masks for {len(head_masks)}/{len(neuron_masks)}/{len(query_head_masks)} layers, "
+                         f"the model has {n}")
     try:
         for layer in range(n):
+            qm = query_head_masks[layer]
+            if qm is not None:
+                parts = adapter.attn(layer)
+                if qm.shape != (parts.units * parts.group,):
+                    raise ValueError(f"query-head mask of layer {layer}: shape {tuple(qm.shape)}, "
+                                     f"expected ({parts.units * parts.group},)")
+
+                def query_hook(module, args, qm=qm, width=parts.head_dim):
+                    x = args[0]  # (batch, seq, units*group*head_dim)
+                    return (x * qm.to(x.dtype).repeat_interleave(width),) + tuple(args[1:])
+
+                handles.append(parts.o.register_forward_pre_hook(query_hook))
             hm, nm = head_masks[layer], neuron_masks[layer]
             if hm is not None:
                 parts = adapter.attn(layer)

@@ -10,6 +10,9 @@ available to any plugin:
   e.g. output-error estimates). Units are taken greedily while they fit the budget.
 - :func:`select_uniform` keeps the same fraction of heads and of neurons in every layer, the
   largest fraction that fits, and the best-scored units inside each layer.
+
+:func:`keep_query_heads` adds query-head units under grouped-query attention to a selection:
+``g'`` best-scored query heads in every kept KV group of a layer.
 """
 from __future__ import annotations
 
@@ -79,3 +82,19 @@ def select_uniform(scores: UnitScores, cost: CostModel, budget: float) -> Select
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost.macs(pick(mid)) <= allowed else (lo, mid)
     return pick(lo)
+
+
+def keep_query_heads(selection: Selection, scores: list[torch.Tensor], groups: list[int],
+                     per_group: list[int]) -> Selection:
+    """``selection`` plus, in every layer ``l``, the ``per_group[l]`` best-scored query heads
+    of each kept unit (``scores[l]`` has one score per query head, ``(units_l * groups[l],)``;
+    ties keep the lower index). ``per_group[l] == groups[l]`` keeps them all."""
+    query = []
+    for layer, (kept, s, g, k) in enumerate(zip(selection.heads, scores, groups, per_group)):
+        if not 1 <= k <= g:
+            raise ValueError(f"layer {layer}: keep {k} query heads per group, expected 1..{g}")
+        if s.shape != (s.numel(),) or s.numel() % g:
+            raise ValueError(f"layer {layer}: query-head scores of shape {tuple(s.shape)} for groups of {g}")
+        s = s.double().reshape(-1, g)  # (units, group)
+        query.append(sorted(u * g + int(j) for u in kept for j in torch.sort(-s[u], stable=True).indices[:k]))
+    return Selection(selection.heads, selection.neurons, query)

@@ -15,15 +15,21 @@ milliseconds) and small enough for a CPU test run in seconds.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-#: Families with an adapter; Llama-style ones use grouped-query attention (4 query / 2 KV heads).
-FAMILIES = ("bert", "roberta", "distilbert", "llama", "mistral", "qwen2", "opt")
-CAUSAL = ("llama", "mistral", "qwen2", "opt")
+#: Families with an adapter (and two served by the generic decoder adapter); Llama-style ones use
+#: grouped-query attention (4 query / 2 KV heads), Gemma 3 multi-query attention (one KV head).
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt",
+            "granite", "starcoder2")
+#: families without a reviewed adapter, served by the generic decoder adapter
+GENERIC = ("granite", "starcoder2")
+FAMILIES = ("bert", "roberta", "distilbert", "modernbert", "deberta-v2") + DECODERS
+CAUSAL = DECODERS
 HEADS = ("base", "causal-lm", "sequence-classification")
 
 #: A little text for tokenizers and text calibration data.
@@ -36,7 +42,12 @@ CAUSAL_SPECIALS = ["<|endoftext|>", "<pad>"]  # id 0 is eos/bos, id 1 is pad
 # -- models ----------------------------------------------------------------------------------
 def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int = 97) -> Any:
     """A tiny random model of ``family`` (3 layers, hidden 32, 4 heads, 48 MLP neurons); ``head``
-    one of ``base``, ``causal-lm``, ``sequence-classification`` (2 labels)."""
+    one of ``base``, ``causal-lm``, ``sequence-classification`` (2 labels).
+
+    The newer families exercise what is particular to them: Qwen3 a ``head_dim`` unrelated
+    to ``hidden / heads``; Gemma 2 alternating sliding-window (4 tokens, shorter than the test
+    sequences) and global layers with soft-capping; Gemma 3 multi-query attention (one KV
+    head) and q/k norms; GPT-NeoX partial rotary and the parallel residual."""
     import transformers as tf
 
     if family not in FAMILIES:
@@ -56,16 +67,55 @@ def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int =
     elif family == "opt":
         cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
                            word_embed_proj_dim=32, **common)
+    elif family == "deberta-v2":  # v3 layout: shared position keys, both disentangled terms, log buckets
+        cfg = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                                 relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                                 pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                                 position_biased_input=False, pad_token_id=0, **common)
+    elif family == "modernbert":  # alternating local (4-token window) and global attention
+        cfg = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                                  local_attention=4, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, cls_token_id=1, sep_token_id=2, **common)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=64, vocab_size=vocab_size,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                               rotary_pct=0.5, use_parallel_residual=True, attention_bias=True, pad_token_id=0,
+                               **common)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8, intermediate_size=48, sliding_window=4, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=3.0, query_pre_attn_scalar=8, pad_token_id=0, **common)
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                  head_dim=8, intermediate_size=48, sliding_window=4, query_pre_attn_scalar=8,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  pad_token_id=0, **common)
+    elif family == "granite":  # Llama layout with residual / attention / logit multipliers
+        cfg = tf.GraniteConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=48, residual_multiplier=0.5, attention_multiplier=0.3,
+                               embedding_multiplier=2.0, pad_token_id=0, **common)
+    elif family == "starcoder2":  # LayerNorms, biases, plain c_fc / c_proj MLP
+        cfg = tf.Starcoder2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=48, bos_token_id=1, eos_token_id=2, **common)
+    elif family == "phi3":
+        cfg = tf.Phi3Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
     else:
-        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config}[family]
+        extra = {"head_dim": 16} if family == "qwen3" else {}
         cfg = cls(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=48, **common)
+                  intermediate_size=48, **extra, **common)
     auto = {"base": tf.AutoModel, "causal-lm": tf.AutoModelForCausalLM,
             "sequence-classification": tf.AutoModelForSequenceClassification}[head]
     if head == "sequence-classification":
         cfg.num_labels = 2
         cfg.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    model = auto.from_config(cfg)
+    with warnings.catch_warnings():  # config-level notices of the newer families
+        warnings.simplefilter("ignore", UserWarning)
+        model = auto.from_config(cfg)
     model.eval()
     return model
 

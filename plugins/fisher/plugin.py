@@ -193,7 +193,7 @@ def tshrink_refine(name: str, ctx: Any, scores: Any, selection: Any, options: di
 def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]) -> Any:
     if name != "fisher-tune":
         return None
-    from .tune_model import fold_scales, tune_masks
+    from .tune_model import fold_scales, residual_layout, tune_masks
 
     from . import published
     from .tune_model import CLS_FAMILIES
@@ -222,6 +222,8 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
     n = max(len(result.stats), 1)
     ctx.report["fisher-tune"] = {
         "sublayers": len(result.stats), "rejected": result.rejected,
+        "targets": ("projection outputs" if residual_layout(ctx.adapter) == "none"
+                    else "projection outputs + residual"),
         "mean_rel_error_before": sum(s["rel_error_before"] for s in result.stats) / n,
         "mean_rel_error_after": sum(s["rel_error_after"] for s in result.stats) / n,
         "teacher": options["fisher_tune_teacher"], "cls_only": cls_only,

@@ -21,8 +21,15 @@ for neurons ``C^T C = (H^T H) * (W^T W)`` is formed without materialising C. The
 equations are accumulated over batches (float64), so memory is one layer's activations.
 
 Residual positions: the attention residual is the layer input in every supported family;
-the MLP residual is the MLP's input for the post-norm encoders (BERT, DistilBERT) and
-``layer output - Down output`` for the pre-norm Llama family.
+the MLP residual is the MLP's input for the post-norm encoders (BERT, DeBERTa, DistilBERT) and
+``layer output - Down output`` for the pre-norm models (Llama family, Phi-3, GPT-2,
+ModernBERT, and GPT-NeoX, whose parallel residual makes ``output - Down`` the input plus
+the attention).
+Gemma 2/3 normalise each sub-layer's output before adding it to the stream ("sandwich"
+norms), so a residual drift cannot be moved linearly onto the projections: there the
+target is the teacher's projection output itself (minus bias), without residuals. The
+generic adapter (layout not reviewed) uses these projection-output targets too; the report
+names the targets used.
 
 Order (as in the public code): layer by layer; within a layer the attention scales are
 solved first, then the MLP's on student activations that already use them; then the
@@ -63,9 +70,25 @@ from tshrink.units import Selection
 from .tuning import BOUNDS, DAMP, tune_scales_gram
 
 #: where the MLP's residual is, per adapter family (see the module docstring)
-MLP_RESIDUAL = {"bert": "mlp_input", "distilbert": "mlp_input", "llama": "output_minus_mlp"}
+MLP_RESIDUAL = {"bert": "mlp_input", "deberta-v2": "mlp_input", "distilbert": "mlp_input",
+                "llama": "output_minus_mlp",
+                "phi3": "output_minus_mlp", "gpt2": "output_minus_mlp", "gpt_neox": "output_minus_mlp",
+                "modernbert": "output_minus_mlp", "gemma": "none"}
 #: families whose sequence classifier reads the first token (pooler / [CLS]): cls_only applies
 CLS_FAMILIES = frozenset({"bert", "distilbert"})
+
+
+def residual_layout(adapter: Adapter) -> str:
+    """The family's entry of :data:`MLP_RESIDUAL`; ``"none"`` (projection-output targets,
+    valid whatever the residual wiring) for the generic adapter, whose layout is unknown."""
+    if adapter.family == "generic":
+        return "none"
+    if adapter.family not in MLP_RESIDUAL:
+        raise ValueError(f"mask tuning knows the residual layout of the families {sorted(MLP_RESIDUAL)}, "
+                         f"not {adapter.family!r}")
+    return MLP_RESIDUAL[adapter.family]
+
+
 CHUNK_ELEMENTS = 1 << 24  # bound on (units x tokens x hidden) per attention contribution block
 
 
@@ -161,12 +184,11 @@ def tune_masks(
 
     ``teacher``: the selection the teacher runs with (0/1 masks), ``None`` = dense.
     ``cls_only``: match only the first token in the last layer's MLP (post-norm encoders)."""
-    if adapter.family not in MLP_RESIDUAL:
-        raise ValueError(f"mask tuning knows the residual layout of the families {sorted(MLP_RESIDUAL)}, "
-                         f"not {adapter.family!r}")
+    layout = residual_layout(adapter)
     counts = (adapter.head_counts(), adapter.neuron_counts())
     selection.check(*counts)
-    pre_norm = MLP_RESIDUAL[adapter.family] == "output_minus_mlp"
+    pre_norm = layout == "output_minus_mlp"
+    sandwich = layout == "none"  # targets without residuals
     if cls_only and adapter.family not in CLS_FAMILIES:
         raise ValueError(f"cls_only tuning matches the first token, which the {adapter.family!r} family does not "
                          f"pool; it applies to {sorted(CLS_FAMILIES)}")
@@ -205,8 +227,9 @@ def tune_masks(
 
         def teacher_batch(out: Tensor, i: int) -> None:
             tm = teacher.token_masks[i]
-            t_attn.append(_minus_bias(grab["o"] + _real(teacher.hidden[i].to(out.device), tm), attn.o).cpu())
-            total = _real(out, pick("down", tm)) if pre_norm else grab["down"] + grab["mlp_in"]
+            residual = 0 if sandwich else _real(teacher.hidden[i].to(out.device), tm)
+            t_attn.append(_minus_bias(grab["o"] + residual, attn.o).cpu())
+            total = grab["down"] if sandwich else _real(out, pick("down", tm)) if pre_norm else grab["down"] + grab["mlp_in"]
             t_mlp.append(_minus_bias(total, mlp.out).cpu())
 
         with teacher.capture(attn.o, put("o"), output=True), teacher.capture(mlp.out, put("down"), output=True), \
@@ -222,7 +245,9 @@ def tune_masks(
 
             def attn_batch(out: Tensor, i: int) -> None:
                 tm = student.token_masks[i]
-                t = t_attn[i].to(out.device) - _real(student.hidden[i].to(out.device), tm)
+                t = t_attn[i].to(out.device)
+                if not sandwich:
+                    t = t - _real(student.hidden[i].to(out.device), tm)
                 _head_normal(grab["o_in"], attn.o.weight.detach(), kept_h.to(out.device), width, t, acc)
 
             with student.capture(attn.o, put("o_in")), soft_masks(adapter, heads, neurons):
@@ -238,7 +263,7 @@ def tune_masks(
 
             def mlp_batch(out: Tensor, i: int) -> None:
                 tm = student.token_masks[i]
-                residual = _real(out, pick("down", tm)) - grab["down"] if pre_norm else grab["mlp_in"]
+                residual = 0 if sandwich else _real(out, pick("down", tm)) - grab["down"] if pre_norm else grab["mlp_in"]
                 t = t_mlp[i].to(out.device) - residual
                 _neuron_normal(grab["h"], wk, wtw, kept_n.to(out.device), t, acc)
 

@@ -36,6 +36,16 @@ def head_scores(adapter: Adapter, layer: int, norm: str = "l2") -> torch.Tensor:
     return _norm(blocks, norm)
 
 
+def query_head_scores(adapter: Adapter, layer: int, norm: str = "l2") -> torch.Tensor:
+    """(units*group,) norms of each query head's Q rows and output-projection columns (its
+    KV group's K/V rows are shared, so they do not tell its query heads apart)."""
+    p = adapter.attn(layer)
+    if p.units == 0:
+        return torch.zeros(0)
+    n, d = p.units * p.group, p.head_dim
+    return _norm([p.q.weight.reshape(n, d, -1), p.o.weight.t().reshape(n, d, -1)], norm)
+
+
 def neuron_scores(adapter: Adapter, layer: int, norm: str = "l2") -> torch.Tensor:
     """(neurons,) norms of each neuron's up/gate rows and down column."""
     p = adapter.mlp(layer)

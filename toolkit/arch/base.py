@@ -14,6 +14,69 @@ import torch
 from torch import nn
 
 
+class Proj:
+    """A Linear-shaped view of (part of) a projection module.
+
+    Consumers read ``weight`` as ``(out, in)`` like ``nn.Linear`` whatever the storage:
+    ``transposed`` for GPT-2's ``Conv1D`` (stored ``(in, out)``), ``rows`` for one block of
+    a fused projection (Phi-3's ``qkv_proj``: a slice; GPT-NeoX's per-head interleaved
+    ``query_key_value``: an index). For a whole module or a contiguous slice ``weight`` and
+    ``bias`` are views, so in-place edits (weight folding) reach the model; for an index
+    they are copies (read only). Hooks go to the underlying module, which is only
+    meaningful for a view of the whole module (output and down projections).
+    """
+
+    def __init__(self, module: nn.Module, *, transposed: bool = False,
+                 rows: slice | torch.Tensor | None = None) -> None:
+        self.module, self.transposed, self.rows = module, transposed, rows
+
+    def _full(self) -> torch.Tensor:
+        w = self.module.weight
+        return w.t() if self.transposed else w  # (out, in)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self._full()
+        if self.rows is None:
+            return w
+        return w[self.rows] if isinstance(self.rows, slice) else w.index_select(0, self.rows.to(w.device))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self.module.bias
+        if b is None or self.rows is None:
+            return b
+        return b[self.rows] if isinstance(self.rows, slice) else b.index_select(0, self.rows.to(b.device))
+
+    @property
+    def in_features(self) -> int:
+        return int(self._full().shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        return self.module.register_forward_pre_hook(*args, **kwargs)
+
+    def register_forward_hook(self, *args, **kwargs):
+        return self.module.register_forward_hook(*args, **kwargs)
+
+
+def module_of(proj: nn.Module | Proj) -> nn.Module:
+    """The model's module behind a projection (itself for a plain ``nn.Linear``)."""
+    return proj.module if isinstance(proj, Proj) else proj
+
+
+def row_index(proj: nn.Module | Proj, index: torch.Tensor) -> torch.Tensor:
+    """Rows of the underlying module (Linear orientation) for rows ``index`` of ``proj``."""
+    if not isinstance(proj, Proj) or proj.rows is None:
+        return index
+    if isinstance(proj.rows, slice):
+        return index + (proj.rows.start or 0)
+    return proj.rows.to(index.device)[index]
+
+
 @dataclass
 class AttnParts:
     """One layer's attention projections. ``q``/``k``/``v`` are None once every unit is gone.
@@ -23,10 +86,10 @@ class AttnParts:
     ``[u*d, (u+1)*d)`` and output-projection columns ``[u*group*d, (u+1)*group*d)``.
     """
 
-    q: nn.Linear | None
-    k: nn.Linear | None
-    v: nn.Linear | None
-    o: nn.Linear
+    q: nn.Linear | Proj | None
+    k: nn.Linear | Proj | None
+    v: nn.Linear | Proj | None
+    o: nn.Linear | Proj
     head_dim: int
     group: int
 
@@ -40,8 +103,8 @@ class MlpParts:
     """One layer's MLP: ``inputs`` have one row per neuron (``[gate, up]`` for a gated MLP),
     ``out`` has one column per neuron."""
 
-    inputs: list[nn.Linear]
-    out: nn.Linear
+    inputs: list[nn.Linear | Proj]
+    out: nn.Linear | Proj
 
     @property
     def neurons(self) -> int:
@@ -68,6 +131,9 @@ class EmptyAttention(nn.Module):
         if self.out_name is None:
             return empty, None
         return getattr(self, self.out_name)(empty), None
+
+    def extra_repr(self) -> str:
+        return "every attention unit pruned"
 
 
 class Adapter:
@@ -99,6 +165,23 @@ class Adapter:
     def update_attn_attrs(self, layer: int, units: int) -> None:
         """Keep the attention module's bookkeeping attributes in step with its new width."""
 
+    def update_mlp_attrs(self, layer: int, neurons: int) -> None:
+        """Keep the MLP module's bookkeeping attributes in step with its new width."""
+
+    def extra_head_projs(self, layer: int) -> list[nn.Linear | Proj]:
+        """Further projections with one block of ``head_dim`` rows per attention unit
+        (DeBERTa's relative-position projections); surgery slices them like Q."""
+        return []
+
+    def extra_macs(self, layer: int, seq_len: int) -> tuple[int, int]:
+        """(per attention unit, width-independent) multiply-adds of layer ``layer`` for one
+        sequence beyond the standard attention + MLP count (relative-position terms)."""
+        return 0, 0
+
+    def outside_extra_macs(self, seq_len: int) -> int:
+        """Multiply-adds outside the layers beyond the norms (per sequence)."""
+        return 0
+
     def norm_macs_per_token(self) -> tuple[int, int]:
         """(per layer, outside layers) multiply-adds that fvcore counts for normalisations."""
         return 0, 0
@@ -122,8 +205,24 @@ class Adapter:
     def neuron_counts(self) -> list[int]:
         return [self.mlp(layer).neurons for layer in range(self.num_layers)]
 
+    def group_sizes(self) -> list[int]:
+        """Query heads per attention unit in each layer, now (1 for multi-head attention)."""
+        return [self.attn(layer).group for layer in range(self.num_layers)]
+
+    def dense_group(self) -> int:
+        """Query heads per KV head in the unpruned architecture (from the config)."""
+        c = self.config
+        heads = getattr(c, "num_attention_heads", None) or 1
+        return heads // (getattr(c, "num_key_value_heads", None) or heads)
+
     def widths(self) -> dict[str, list[int]]:
-        return {"heads": self.head_counts(), "neurons": self.neuron_counts()}
+        """Units and neurons per layer; plus ``"group"`` (query heads per unit) once some
+        layer's group differs from the architecture's (query-head units were removed)."""
+        out = {"heads": self.head_counts(), "neurons": self.neuron_counts()}
+        groups = self.group_sizes()
+        if any(g != self.dense_group() for g in groups):
+            out["group"] = groups
+        return out
 
     def unit_columns(self, layer: int, units: list[int] | torch.Tensor) -> torch.Tensor:
         """Indices of the output-projection input columns that belong to ``units``."""
