@@ -97,6 +97,28 @@ def test_output_unwritable(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "permission denied" in err
 
 
+def test_output_unwritable_as_seen_by_the_check(tmp_path, monkeypatch, capsys):
+    """The same refusal where permissions cannot be denied (root): the check asks os.access."""
+    forbid_model_loading(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    rc, err = run_cli(_prune(tmp_path / "no-model", str(locked / "out")), capsys)
+    assert rc == 2 and "permission denied" in err and str(locked) in err
+
+
+def test_finetune_force_never_replaces_a_users_directory(tmp_path, monkeypatch, capsys):
+    from _harness_fixtures import glue_dir
+
+    forbid_model_loading(monkeypatch)
+    user = _user_dir(tmp_path / "mine")
+    before = _tree(user)
+    rc, err = run_cli(["finetune", "--task", "sst2", "--model", str(tiny_bert_dir(tmp_path)), "--data-dir",
+                       str(glue_dir(tmp_path)), "--output", str(user), "--force"], capsys)
+    assert rc == 2 and "did not write" in err and _tree(user) == before
+
+
 def test_checkpoint_replaced_only_with_overwrite(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TSHRINK_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
