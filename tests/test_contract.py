@@ -35,8 +35,10 @@ def test_method_contract(method, family, tmp_path):
     result = prune(model, method, 0.6, calib=calib, seed=0)
     rep = result.report
     if spec.recipe.prunes:
-        assert rep["flops_kept"] <= 0.6 + 1e-9, rep["flops_kept"]
-        assert rep["flops_kept"] > 0.3  # a selector should use its budget, not throw it away
+        # a select stage with a latency budget meets it itself (tested with its plugin); FLOPs may differ
+        if REGISTRY.stage("select", spec.recipe.select).budget == "flops":
+            assert rep["flops_kept"] <= 0.6 + 1e-9, rep["flops_kept"]
+            assert rep["flops_kept"] > 0.3  # a selector should use its budget, not throw it away
         assert rep["params_after"] < rep["params_before"]
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -130,7 +130,7 @@ class LayerStream:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             self.hidden.append(hidden.detach().to(self.offload))
             self.args.append(tuple(args[1:]))
-            self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+            self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache", "cache")})
             raise _Stop
 
         handle = first.register_forward_pre_hook(grab, with_kwargs=True)
