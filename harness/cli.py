@@ -34,6 +34,11 @@ def _budgets(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+CALIBRATION_NOTE = ("--calib-samples, the same data for every method of a compare; task defaults: GLUE 2048 "
+                    "training examples drawn with replacement (Kwon et al.'s public code), SQuAD 128 windows, "
+                    "decoders 32 windows of --seq-len (see `harness tasks`)")
+
+
 def _sizes(text: str) -> list[int]:
     """Batch sizes from '1,32'; SystemExit with the reason when one is not a positive integer."""
     try:
@@ -70,6 +75,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             opts = reg.options(reg.methods[name])
             if opts:
                 print(f"\n{name}:")
+                if reg.needs(reg.methods[name].recipe)["calibration"]:
+                    print(f"  calibration: {CALIBRATION_NOTE}")
                 for o in opts.values():
                     print(f"  --opt {o.name}={o.default!r}  {o.help}")
     return 0
