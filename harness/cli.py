@@ -101,7 +101,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           output=args.output, options=_opts(args.opt), calib_samples=args.calib_samples,
                           seq_len=args.seq_len, data_dir=args.data_dir, device=args.device, seed=args.seed,
                           task=args.task)
-    keys = ("method", "task", "budget", "flops_kept", "fvcore_flops_before", "fvcore_flops_after",
+    keys = ("method", "task", "budget", "flops_kept", "seq_len", "fvcore_flops_before", "fvcore_flops_after",
             "params_before", "params_after", "time_s")
     for k in keys:
         print(f"{k:>22}: {report.get(k)}")

@@ -100,6 +100,9 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, tor
         q1, med, q3 = _quartiles(ms)
         stats[name] = {"median_ms": med, "q25_ms": q1, "q75_ms": q3, "min_ms": min(ms), "max_ms": max(ms),
                        "rounds_ms": ms, "warmup": warmup, "repeats": rounds, **shape}
+        if bool(getattr(models[name].config, "is_encoder_decoder", False)):  # teacher-forced over these tokens
+            dec = batch.get("decoder_input_ids", batch["input_ids"])
+            stats[name]["decoder_seq_len"] = int(dec.shape[1])
     speedups = {}
     for name in names:
         if name != reference:
@@ -125,10 +128,7 @@ def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str,
     """Latency of one model alone (median of ``repeats`` rounds, ms); see :func:`interleaved_latency`."""
     out = interleaved_latency({"model": model}, batch, device, rounds=repeats, warmup=warmup,
                               min_run_time=min_run_time, threads=threads)
-    stats = out["models"]["model"]
-    if bool(getattr(model.config, "is_encoder_decoder", False)) and "decoder_input_ids" not in batch:
-        stats["decoder_seq_len"] = stats["seq_len"]
-    return stats
+    return out["models"]["model"]
 
 
 def checkpoint_bytes(path: str | Path) -> tuple[int, str]:
