@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .records import speedup_flag  # noqa: F401  (pure; re-exported for callers)
 
 def latency_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fixed random batch of token ids (content does not change the cost of a forward)."""
@@ -111,16 +112,6 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, tor
             speedups[name] = {"median": med, "q25": q1, "q75": q3}
     return {"models": stats, "speedups": speedups, "threads": threads, "min_run_time_s": min_run_time,
             "protocol": PROTOCOL, **shape}
-
-
-def speedup_flag(speedup: float | None, flops_kept: float | None, *, tolerance: float = 0.0) -> str | None:
-    """``"noise"`` when a measured speed-up exceeds what the FLOPs allow (``1 / flops_kept``,
-    times ``1 + tolerance``): removing FLOPs cannot make a forward faster than that, so the
-    ratio reflects the machine, not the model. None when it is plausible or not checkable
-    (no FLOPs count, nothing removed: transforms can speed up memory-bound passes)."""
-    if speedup is None or flops_kept is None or not 0 < flops_kept < 1:
-        return None
-    return "noise" if speedup > (1.0 + tolerance) / flops_kept else None
 
 
 def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str, *, warmup: int = 2,
