@@ -127,11 +127,18 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device, grad_batch_size=size)
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
                             "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"]}
-    published.record(ctx.report, kind, {"calibration_examples": ctx.calib.n_examples,
-                                        "sampling": ctx.calib.meta.get("sampling", "without replacement"),
-                                        "grad_batch_size": size})
+    used = {"calibration_examples": ctx.calib.n_examples,
+            "sampling": ctx.calib.meta.get("sampling", "without replacement"), "grad_batch_size": size}
+    published.record(ctx.report, kind, used)
+    # travels with the scores, so a run that reuses them (harness compare, other budgets) records them too
+    extra = dict(zip(GRAD_KEYS, (head_grads, neuron_grads)), fisher_settings=used)
     return UnitScores([fisher_importance(g) for g in head_grads], [fisher_importance(g) for g in neuron_grads],
-                      extra=dict(zip(GRAD_KEYS, (head_grads, neuron_grads))))
+                      extra=extra)
+
+
+def _score_settings(scores: Any) -> dict[str, Any]:
+    """The score stage's recorded settings (from the scores, also when they were reused)."""
+    return dict(scores.extra.get("fisher_settings", {}))
 
 
 def _select_latency(ctx: Any, scores: Any, options: dict[str, Any]) -> Any:
@@ -170,7 +177,8 @@ def _select_latency(ctx: Any, scores: Any, options: dict[str, Any]) -> Any:
         "heads_kept": sum(map(len, sel.heads)), "neurons_kept": sum(map(len, sel.neurons)),
         "table": {"batch": batch, "seq_len": seq, "points": points, **source, "base_ms": tables["base"]},
     }
-    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal), _pricing(ctx))
+    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal),
+                     _score_settings(scores) | _pricing(ctx))
     return sel
 
 
@@ -199,7 +207,8 @@ def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) ->
     _teacher(ctx, search)
     ctx.report["fisher-search"] = {"heads_kept": sum(map(len, sel.heads)), "neurons_kept": sum(map(len, sel.neurons)),
                                    "priced_at_seq_len": cost.seq_len}
-    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal), _pricing(ctx))
+    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal),
+                     _score_settings(scores) | _pricing(ctx))
     return sel
 
 
