@@ -35,6 +35,11 @@ def _budgets(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+CALIBRATION_NOTE = ("--calib-samples, the same data for every method of a compare; task defaults: GLUE 2048 "
+                    "training examples drawn with replacement (Kwon et al.'s public code), SQuAD 128 windows, "
+                    "decoders 32 windows of --seq-len (see `harness tasks`)")
+
+
 def _sizes(text: str) -> list[int]:
     """Batch sizes from '1,32'; SystemExit with the reason when one is not a positive integer."""
     try:
@@ -83,6 +88,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             opts = reg.options(reg.methods[name])
             if opts:
                 print(f"\n{name}:")
+                if reg.needs(reg.methods[name].recipe)["calibration"]:
+                    print(f"  calibration: {CALIBRATION_NOTE}")
                 for o in opts.values():
                     print(f"  --opt {o.name}={o.default!r}  {o.help}")
     if problems:
@@ -111,7 +118,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           output=args.output, options=_opts(args.opt), calib_samples=args.calib_samples,
                           seq_len=args.seq_len, data_dir=args.data_dir, device=args.device, seed=args.seed,
                           task=args.task, overwrite=args.overwrite)
-    keys = ("method", "task", "budget", "flops_kept", "fvcore_flops_before", "fvcore_flops_after",
+    keys = ("method", "task", "budget", "flops_kept", "seq_len", "fvcore_flops_before", "fvcore_flops_after",
             "params_before", "params_after", "time_s")
     for k in keys:
         print(f"{k:>22}: {report.get(k)}")

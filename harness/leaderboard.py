@@ -49,13 +49,15 @@ def _metric_name(recs: list[dict[str, Any]]) -> str:
     return (dense or recs)[0]["main_metric"]
 
 
-def speedup_cell(lat: dict[str, Any], *, batch: int = 0) -> str:
+def speedup_cell(lat: dict[str, Any], *, batch: int = 0, flops_kept: float | None = None) -> str:
     """One batch size's speed-up with its spread, or the reason it is not shown as a result:
     "noise" above the FLOPs bound (1 / FLOPs kept), "unverified" for records timed before the
     interleaved protocol (one median of 5, possibly minutes apart)."""
     if not lat.get("speedup"):
         return "-"
     if "batches" not in lat:
+        if R.speedup_flag(lat["speedup"], flops_kept) == "noise":
+            return f"noise ({lat['speedup']:.2f}x > 1/{flops_kept:.2f})"
         return f"{lat['speedup']:.2f}x unverified"
     if batch >= len(lat["batches"]):
         return "-"
@@ -126,7 +128,7 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
                       + ([_num(r["flops"].get("analytic_kept"))] if priced else [])
                       + [f"{r['params'] / 1e6:.2f}M"]
                       + [_num(r["metrics"].get(k)) for k in metrics]
-                      + [speedup_cell(r["latency"], batch=i) for i in range(n_lat)]
+                      + [speedup_cell(r["latency"], batch=i, flops_kept=r["flops"].get("kept")) for i in range(n_lat)]
                       + [_num(size.get("bits_per_weight")), _num(size.get("bytes", 0) / 1e6),
                          f"{size['compression_ratio']:.2f}x" if size.get("compression_ratio") else "-",
                          f"{r['prune']['time_s']:.1f}", str(r["seed"]), fidelity_cell(r), split])
@@ -139,8 +141,8 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
               f"was priced at, --flops-seq-len). Speed-up bB: dense / pruned forward latency at batch B x "
               f"{lat.get('seq_len', '-')} tokens, median [quartiles] of the per-round ratios, dense and pruned "
               f"timed interleaved in one process ({lat.get('repeats', '-')} rounds after {lat.get('warmup', '-')} "
-              f"warm-up passes, {settings['device']}); 'noise': above 1 / FLOPs kept, which removing FLOPs "
-              "cannot give, so it is not a result; 'unverified': timed before this protocol. "
+              f"warm-up passes, {settings['device']}); 'noise': above 1 / FLOPs kept, more than the removed "
+              "FLOPs explain, so not reported as a result; 'unverified': timed before this protocol. "
               "vs authors' code: the settings that differ from the method authors' public code "
               "(as recorded by its stages). "
               f"{R.SIZE_NOTE}. prune s: what one prune at that budget alone costs; `harness compare` "

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .records import speedup_flag  # noqa: F401  (pure; re-exported for callers)
 
 def latency_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fixed random batch of token ids (content does not change the cost of a forward)."""
@@ -100,6 +101,9 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, tor
         q1, med, q3 = _quartiles(ms)
         stats[name] = {"median_ms": med, "q25_ms": q1, "q75_ms": q3, "min_ms": min(ms), "max_ms": max(ms),
                        "rounds_ms": ms, "warmup": warmup, "repeats": rounds, **shape}
+        if bool(getattr(models[name].config, "is_encoder_decoder", False)):  # teacher-forced over these tokens
+            dec = batch.get("decoder_input_ids", batch["input_ids"])
+            stats[name]["decoder_seq_len"] = int(dec.shape[1])
     speedups = {}
     for name in names:
         if name != reference:
@@ -110,25 +114,12 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, tor
             "protocol": PROTOCOL, **shape}
 
 
-def speedup_flag(speedup: float | None, flops_kept: float | None, *, tolerance: float = 0.0) -> str | None:
-    """``"noise"`` when a measured speed-up exceeds what the FLOPs allow (``1 / flops_kept``,
-    times ``1 + tolerance``): removing FLOPs cannot make a forward faster than that, so the
-    ratio reflects the machine, not the model. None when it is plausible or not checkable
-    (no FLOPs count, nothing removed: transforms can speed up memory-bound passes)."""
-    if speedup is None or flops_kept is None or not 0 < flops_kept < 1:
-        return None
-    return "noise" if speedup > (1.0 + tolerance) / flops_kept else None
-
-
 def latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str, *, warmup: int = 2,
             repeats: int = 5, min_run_time: float = 0.2, threads: int | None = None) -> dict[str, Any]:
     """Latency of one model alone (median of ``repeats`` rounds, ms); see :func:`interleaved_latency`."""
     out = interleaved_latency({"model": model}, batch, device, rounds=repeats, warmup=warmup,
                               min_run_time=min_run_time, threads=threads)
-    stats = out["models"]["model"]
-    if bool(getattr(model.config, "is_encoder_decoder", False)) and "decoder_input_ids" not in batch:
-        stats["decoder_seq_len"] = stats["seq_len"]
-    return stats
+    return out["models"]["model"]
 
 
 def checkpoint_bytes(path: str | Path) -> tuple[int, str]:

@@ -162,3 +162,13 @@ def load_records(results: str | Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict) and rec.get("schema") == SCHEMA:
             out.append(rec)
     return out
+
+
+def speedup_flag(speedup: float | None, flops_kept: float | None, *, tolerance: float = 0.0) -> str | None:
+    """``"noise"`` when a measured speed-up exceeds what the FLOPs allow (``1 / flops_kept``,
+    times ``1 + tolerance``): removing FLOPs cannot make a forward faster than that, so the
+    ratio reflects the machine, not the model. None when it is plausible or not checkable
+    (no FLOPs count, nothing removed: transforms can speed up memory-bound passes)."""
+    if speedup is None or flops_kept is None or not 0 < flops_kept < 1:
+        return None
+    return "noise" if speedup > (1.0 + tolerance) / flops_kept else None

@@ -23,3 +23,15 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (set TSHRINK_DATA_DIR)")
     return path.resolve()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_tables_in_a_temporary_cache(tmp_path_factory):
+    """Latency tables that tests measure go to a session directory, never the user's cache."""
+    old = os.environ.get("TSHRINK_LATENCY_CACHE")
+    os.environ["TSHRINK_LATENCY_CACHE"] = str(tmp_path_factory.mktemp("latency-tables"))
+    yield
+    if old is None:
+        os.environ.pop("TSHRINK_LATENCY_CACHE", None)
+    else:
+        os.environ["TSHRINK_LATENCY_CACHE"] = old

@@ -32,3 +32,20 @@ def test_stream_reproduces_hidden_states(family):
 def test_empty_calibration_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         CalibrationData([], source="nothing")
+
+
+def test_layer_stream_keeps_no_kv_cache_that_grows_with_passes():
+    """transformers 5 hands decoder layers the KV cache as `cache`: it must not be kept, or every
+    pass over a layer appends its keys/values to it (memory growing with passes)."""
+    from transformers.cache_utils import Cache
+
+    from conftest import tiny_model
+    from tshrink.arch.families import get_adapter
+    from tshrink.calibration import CalibrationData, LayerStream
+
+    adapter = get_adapter(tiny_model("llama", "causal-lm"))
+    ids = torch.randint(5, 90, (2, 8))
+    stream = LayerStream(adapter, CalibrationData([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]))
+    first = stream.run()
+    assert not any(isinstance(v, Cache) for kw in stream.kwargs for v in kw.values())
+    assert torch.equal(first[0], stream.run()[0])

@@ -73,3 +73,18 @@ def test_help_lists_the_harness_commands_without_torch():
 def test_leaderboard_of_nothing_imports_no_torch(tmp_path):
     cli_stdout_without_torch(["leaderboard", "--results", str(tmp_path)])
     assert (tmp_path / "LEADERBOARD.md").exists()
+
+
+def test_plugins_options_state_each_stat_default_with_its_reason(capsys):
+    from tshrink_harness.cli import main
+
+    assert main(["plugins", "--options"]) == 0
+    out = capsys.readouterr().out
+    stat = out.split("\nstat:\n", 1)[1].split("\n\n", 1)[0]
+    assert "calibration: --calib-samples" in stat and "2048" in stat
+    for name in ("stat_sketch=", "stat_center=", "stat_error_norm=", "stat_allocation=", "stat_sequential=",
+                 "stat_damping=", "stat_repick=", "stat_prune_heads="):
+        line = next(l for l in stat.splitlines() if name in l)
+        assert "Default" in line, line
+    fisher = out.split("\nfisher:\n", 1)[1].split("\n\n", 1)[0]
+    assert "fisher_tune_teacher='search-sqrt'" in fisher and "fisher_grad_batch_size='auto'" in fisher

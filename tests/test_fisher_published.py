@@ -203,3 +203,16 @@ def test_rearrange_reports_the_held_out_fisher_loss():
     r = rep["stages"]["fisher-rearrange"]
     assert r["gradient_rows"] == 6
     assert r["fisher_loss_per_row_held_out"] is not None and r["fisher_loss_per_row_in_sample"] is not None
+
+
+def test_fidelity_is_complete_when_the_scores_are_reused():
+    """harness compare scores once and reuses the scores for other budgets: the calibration
+    settings must still reach the record of every budget."""
+    model, calib = _bert()
+    first = prune(model, "fisher", 0.5, calib=calib)
+    model, calib = _bert()
+    again = prune(model, "fisher", 0.4, calib=calib, scores=first.scores).report["stages"]
+    assert again.get("score_reused") and "fisher" not in again  # the score stage did not run
+    fid = again["fidelity"]
+    assert fid["settings"]["calibration_examples"] == 6 and fid["settings"]["grad_batch_size"] == 32
+    assert any("6 calibration examples" in d for d in fid["deviations"])

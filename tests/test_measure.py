@@ -100,6 +100,7 @@ def test_latency_record_and_table_cells(monkeypatch):
     dense = latency_record(models["dense"], None, [latency_batch(97, 1, 8)], "cpu", rounds=1, warmup=0)
     assert dense["speedup"] == 1.0 and dense["flag"] is None and speedup_cell(dense) == "1.00x [1.00-1.00]"
     assert speedup_cell({"speedup": 1.67, "pruned": {}}) == "1.67x unverified"  # an old-protocol record
+    assert speedup_cell({"speedup": 2.22, "pruned": {}}, flops_kept=0.5) == "noise (2.22x > 1/0.50)"
 
 
 def test_pricing_option_values():

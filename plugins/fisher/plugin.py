@@ -2,7 +2,8 @@
 
 Stages: score ``fisher`` (empirical Fisher diagonal of unit masks, ``collect.py`` +
 ``fisher_math.py``), select ``fisher-search`` (the head/neuron split under the FLOPs budget,
-``search.py``), refine ``fisher-rearrange`` (greedy swap per layer with the layer's Fisher
+``search.py``) or ``fisher-latency`` (under a latency budget from tables measured on the
+run's device, ``latency_table.py`` + ``latency_search.py``), refine ``fisher-rearrange`` (greedy swap per layer with the layer's Fisher
 block, ``rearrange.py``), correct ``fisher-tune`` (layer-wise least-squares mask tuning
 folded into the weights, ``tune_model.py`` + ``tuning.py``). The methods are the paper's
 ablation as recipes, plus Fisher selection with STAT correction.
@@ -24,6 +25,12 @@ GRAD_BATCH = Option("fisher_grad_batch_size", "auto", "examples per mask-gradien
 TEACHER = Option("fisher_tune_teacher", "search-sqrt", "mask tuning's teacher: search-sqrt = the search's mask at "
                  "budget sqrt(c), as the public code that produced the published numbers; dense = the unpruned "
                  "model, as the paper's text", choices=("search-sqrt", "dense"))
+LAT_BATCH = Option("fisher_latency_batch", 32, "fisher-latency: batch size of the latency tables (the public "
+                   "code takes it as a required argument; 32 sequences x the pricing length is compute-bound)")
+LAT_TABLE = Option("fisher_latency_table", "", "fisher-latency: a latency table file to use (refused if measured on "
+                   "another device); empty = measure on this run's device and cache under $TSHRINK_CACHE/latency")
+LAT_POINTS = Option("fisher_latency_points", 24, "fisher-latency: neuron counts timed (interpolated in between; "
+                    "every head count is timed)")
 CLS_ONLY = Option("fisher_tune_cls_only", "auto", "match only the [CLS] token in the last layer's MLP tuning: "
                   "auto = yes for sequence classification on BERT-style encoders (the public code), no otherwise",
                   choices=("auto", "yes", "no"))
@@ -41,6 +48,10 @@ def tshrink_stages() -> list[StageSpec]:
                   paper=PAPER),
         StageSpec("select", "fisher-search", "best split between heads and neurons under the FLOPs budget "
                   "(global importance ranking per unit cost)", paper=PAPER),
+        StageSpec("select", "fisher-latency", "Kwon et al.'s latency-aware search: a latency table per head / "
+                  "neuron count measured on the run's device (cached), piecewise-linear fit, best split under the "
+                  "LATENCY budget (the --flops value is read as the kept latency fraction)", paper=PAPER,
+                  options=(LAT_BATCH, LAT_TABLE, LAT_POINTS), budget="latency"),
         StageSpec("refine", "fisher-rearrange", "per layer, greedy swap of kept/pruned units with the layer's "
                   "Fisher block (needs the 'fisher' score stage)", paper=PAPER),
         StageSpec("correct", "fisher-tune", "layer-wise least-squares scales of the kept units, folded into the "
@@ -56,6 +67,10 @@ def tshrink_methods() -> list[MethodSpec]:
         MethodSpec("fisher", Recipe(score=score, select=search, refine=rearrange, correct=("fisher-tune",)),
                    "Fisher-mask pruning: search + rearrangement + mask tuning", paper=PAPER,
                    compare_by_default=True),
+        MethodSpec("fisher-latency", Recipe(score=score, select="fisher-latency", refine=rearrange,
+                                            correct=("fisher-tune",)),
+                   "Fisher-mask pruning under a latency budget (measured latency tables): the paper's speed-ups",
+                   paper=PAPER),
         MethodSpec("fisher-search", Recipe(score=score, select=search),
                    "Fisher-mask ablation: mask search only", paper=PAPER),
         MethodSpec("fisher-rearrange", Recipe(score=score, select=search, refine=rearrange),
@@ -113,15 +128,65 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
                                                   track=ctx.track)
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
                             "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"]}
-    published.record(ctx.report, kind, {"calibration_examples": ctx.calib.n_examples,
-                                        "sampling": ctx.calib.meta.get("sampling", "without replacement"),
-                                        "grad_batch_size": size})
+    used = {"calibration_examples": ctx.calib.n_examples,
+            "sampling": ctx.calib.meta.get("sampling", "without replacement"), "grad_batch_size": size}
+    published.record(ctx.report, kind, used)
+    # travels with the scores, so a run that reuses them (harness compare, other budgets) records them too
+    extra = dict(zip(GRAD_KEYS, (head_grads, neuron_grads)), fisher_settings=used)
     return UnitScores([fisher_importance(g) for g in head_grads], [fisher_importance(g) for g in neuron_grads],
-                      extra=dict(zip(GRAD_KEYS, (head_grads, neuron_grads))))
+                      extra=extra)
+
+
+def _score_settings(scores: Any) -> dict[str, Any]:
+    """The score stage's recorded settings (from the scores, also when they were reused)."""
+    return dict(scores.extra.get("fisher_settings", {}))
+
+
+def _select_latency(ctx: Any, scores: Any, options: dict[str, Any]) -> Any:
+    from tshrink.units import Selection
+
+    from . import published
+    from .latency_search import estimate, search_latency
+    from .latency_table import load_or_measure
+
+    batch = int(options["fisher_latency_batch"])
+    points = int(options["fisher_latency_points"])
+    if batch < 1 or points < 2:
+        raise ValueError(f"fisher_latency_batch must be >= 1 and fisher_latency_points >= 2, got {batch} / {points}")
+    seq = ctx.cost.seq_len
+    tables, source = load_or_measure(ctx.adapter, batch=batch, seq=seq, device=ctx.device,
+                                     path=options["fisher_latency_table"] or None, points=points)
+    counts = (ctx.adapter.head_counts(), ctx.adapter.neuron_counts())
+    dense = estimate(tables["heads"], tables["neurons"], tables["base"], *counts)
+    heads = [s.double() for s in scores.heads]
+    neurons = [s.double() for s in scores.neurons]
+
+    def search(budget: float) -> tuple[Selection, dict[str, float]]:
+        try:
+            hm, nm, info = search_latency(heads, neurons, tables["heads"], tables["neurons"], tables["base"],
+                                          budget * dense)
+        except ValueError as err:
+            raise ValueError(f"latency budget {budget:g} of the dense layers ({dense:.4g} ms at batch {batch} x "
+                             f"{seq} tokens on {source['device']['name']}): {err}") from None
+        return Selection.from_masks(hm, nm), info
+
+    sel, info = search(ctx.budget)
+    ctx.scratch["fisher_teacher"] = search(ctx.budget ** 0.5)[0]
+    ctx.report["fisher-latency"] = {
+        "budget_kind": "latency", "dense_ms": dense, "estimated_ms": info["estimated_ms"],
+        "latency_kept_estimated": info["estimated_ms"] / dense if dense else None,
+        "heads_kept": sum(map(len, sel.heads)), "neurons_kept": sum(map(len, sel.neurons)),
+        "table": {"batch": batch, "seq_len": seq, "points": points, **source, "base_ms": tables["base"]},
+    }
+    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal),
+                     _score_settings(scores) | _pricing(ctx))
+    return sel
 
 
 @hookimpl
 def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) -> Any:
+    if name == "fisher-latency":
+        return _select_latency(ctx, scores, options)
     if name != "fisher-search":
         return None
     from tshrink.units import Selection
@@ -143,7 +208,8 @@ def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) ->
     _teacher(ctx, search)
     ctx.report["fisher-search"] = {"heads_kept": sum(map(len, sel.heads)), "neurons_kept": sum(map(len, sel.neurons)),
                                    "priced_at_seq_len": cost.seq_len}
-    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal), _pricing(ctx))
+    published.record(ctx.report, published.task_kind(ctx.model, ctx.adapter.causal),
+                     _score_settings(scores) | _pricing(ctx))
     return sel
 
 
