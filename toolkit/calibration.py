@@ -6,6 +6,11 @@ arguments the backbone passes to its layers (attention mask, rotary embeddings),
 runs ONE layer at a time: memory is bounded by one layer's activations, whatever the depth.
 After a method changes layer ``l`` (masks, corrected weights) it calls :meth:`advance`, so
 layer ``l + 1`` sees inputs produced by the already-pruned layers (sequential pruning).
+
+Decoders: the backbone runs with ``use_cache=False`` and the cache keywords it hands its
+layers (``cache`` under transformers 5) are dropped, so repeated passes see no growing KV
+cache; positions come from the attention mask, so left- and right-padded batches give the
+real tokens the activations they have unpadded.
 """
 from __future__ import annotations
 
@@ -110,27 +115,94 @@ class _Stop(Exception):
     pass
 
 
+# keyword arguments of a layer call that carry the KV cache: never kept between passes
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")
+
+
+def _is_cache(value: Any) -> bool:
+    return any(c.__name__.endswith("Cache") for c in type(value).__mro__)
+
+
+def decoder_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) positions counted over real tokens only, so a left-padded sequence gets
+    the positions it has unpadded (right padding: the positions are unchanged)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def _layer_inputs(batch: Batch, causal: bool) -> dict[str, Any]:
+    """Backbone inputs of one calibration batch: decoders get ``use_cache=False`` (no KV
+    cache is created, so none can grow across passes) and mask-derived positions."""
+    inputs: dict[str, Any] = dict(model_inputs(batch))
+    if causal:
+        inputs["use_cache"] = False
+        if "attention_mask" in inputs:
+            inputs["position_ids"] = decoder_position_ids(inputs["attention_mask"])
+    return inputs
+
+
+def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` (containers, objects)."""
+    seen = _seen if _seen is not None else set()
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr() if obj.device.type != "meta" else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), nn.Module)):
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return tensor_bytes(vars(obj), seen)
+    return 0
+
+
 class LayerStream:
-    """Hidden states entering layer ``l`` for every calibration batch, one layer at a time."""
+    """Hidden states entering layer ``l`` for every calibration batch, one layer at a time.
+
+    ``device``: where layers run. ``offload``: where the hidden states are kept between
+    passes (host memory by default; the device itself when they fit there).
+    ``layer_offload``: the layers' weights live on the host and each layer is moved to
+    ``device`` only while it runs (:meth:`run`), then back -- peak device memory is one
+    layer's weights plus one batch of activations (plus what the caller's statistics hold).
+    The modules outside the layers (embeddings, rotary tables) must be on ``device``.
+
+    Nothing from one pass is kept for the next but the hidden states: decoders run with
+    ``use_cache=False`` and every cache-like keyword the backbone passes its layers
+    (``cache`` / ``past_key_values`` under transformers 5) is dropped.
+    """
 
     def __init__(self, adapter: Adapter, calib: CalibrationData, *, device: torch.device | str | None = None,
-                 offload: torch.device | str = "cpu") -> None:
+                 offload: torch.device | str = "cpu", layer_offload: bool = False) -> None:
         self.adapter, self.calib = adapter, calib
         self.device = torch.device(device) if device is not None else next(adapter.model.parameters()).device
         self.offload = torch.device(offload)
+        self.layer_offload = layer_offload
+        self.host = torch.device("cpu")
         self.layer = 0
         self._batch = 0  # index of the batch being run (for capture hooks)
         self.hidden: list[torch.Tensor] = []  # per batch: (batch, seq, hidden) on offload
         self.args: list[tuple[Any, ...]] = []  # per batch: further positional arguments of the layer call
         self.kwargs: list[dict[str, Any]] = []  # per batch: what the backbone passes every layer
         self.token_masks: list[torch.Tensor] = []  # per batch: (batch, seq) bool, True = real token
+        self.resident: list[int] = []  # layers whose weights are on the device (layer_offload)
+        self.max_resident = 0  # most layers on the device at once (layer_offload)
         first = adapter.layers()[0]
+
+        def keep(value: Any) -> Any:  # positional/keyword tensors: kept where the hidden states are
+            return value.detach().to(self.offload) if isinstance(value, torch.Tensor) else value
 
         def grab(module, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
             self.hidden.append(hidden.detach().to(self.offload))
-            self.args.append(tuple(args[1:]))
-            self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+            self.args.append(tuple(a for a in args[1:] if not _is_cache(a)))
+            self.kwargs.append({k: keep(v) if not isinstance(v, tuple) else tuple(keep(x) for x in v)
+                                for k, v in kwargs.items() if k not in _CACHE_KWARGS and not _is_cache(v)})
             raise _Stop
 
         handle = first.register_forward_pre_hook(grab, with_kwargs=True)
@@ -138,7 +210,7 @@ class LayerStream:
             with torch.no_grad():
                 for batch in calib.batches:
                     try:
-                        adapter.backbone()(**model_inputs(to_device(batch, self.device)))
+                        adapter.backbone()(**_layer_inputs(to_device(batch, self.device), adapter.causal))
                     except _Stop:
                         pass
                     self.token_masks.append(batch["attention_mask"].bool())
@@ -148,20 +220,49 @@ class LayerStream:
     def __len__(self) -> int:
         return self.adapter.num_layers
 
-    def run(self, fn: Callable[[torch.Tensor, int], None] | None = None) -> list[torch.Tensor]:
+    def held_bytes(self) -> int:
+        """Bytes of the tensors the stream keeps between passes (hidden states, layer arguments)."""
+        return tensor_bytes([self.hidden, self.args, self.kwargs, self.token_masks])
+
+    @contextmanager
+    def _on_device(self, block: nn.Module) -> Iterator[None]:
+        if not self.layer_offload:
+            yield
+            return
+        block.to(self.device)
+        self.resident.append(self.layer)
+        self.max_resident = max(self.max_resident, len(self.resident))
+        try:
+            yield
+        finally:
+            block.to(self.host)
+            self.resident.remove(self.layer)
+
+    def _move(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, non_blocking=True)
+        if isinstance(value, tuple):
+            return tuple(self._move(v) for v in value)
+        return value
+
+    def run(self, fn: Callable[[torch.Tensor, int], None] | None = None, *,
+            keep: bool = False) -> list[torch.Tensor] | None:
         """Run the current layer on every batch; ``fn(output, batch_index)`` sees each output
-        (batch, seq, hidden). Returns the outputs (on ``offload``)."""
+        (batch, seq, hidden) on the device. ``keep``: also return the outputs (on ``offload``);
+        a capture-only pass (the default) copies nothing back."""
         block = self.adapter.layers()[self.layer]
-        outs = []
-        with torch.no_grad():
+        outs: list[torch.Tensor] = []
+        with torch.no_grad(), self._on_device(block):
             for i, (hidden, args, kwargs) in enumerate(zip(self.hidden, self.args, self.kwargs)):
                 self._batch = i
-                out = block(hidden.to(self.device), *args, **kwargs)
+                out = block(hidden.to(self.device), *self._move(args), **{k: self._move(v) for k, v in kwargs.items()})
                 out = out[0] if isinstance(out, tuple) else out  # (batch, seq, hidden)
                 if fn is not None:
                     fn(out, i)
-                outs.append(out.detach().to(self.offload))
-        return outs
+                if keep:
+                    outs.append(out.detach().to(self.offload))
+                del out
+        return outs if keep else None
 
     @contextmanager
     def capture(self, module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], None], *,
@@ -172,7 +273,10 @@ class LayerStream:
         def hook(mod, args, out=None):
             x = out if output else args[0]
             x = x[0] if isinstance(x, tuple) else x
-            fn(x.detach(), self.token_masks[self._batch].to(x.device))
+            mask = self.token_masks[self._batch].to(x.device)
+            if x.dim() == 2 and x.shape[0] == mask.numel():  # OPT runs its MLP on (batch*seq, features)
+                x = x.reshape(*mask.shape, x.shape[-1])
+            fn(x.detach(), mask)
 
         handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
         try:
@@ -180,7 +284,10 @@ class LayerStream:
         finally:
             handle.remove()
 
-    def advance(self) -> None:
-        """Replace the stored hidden states by the current layer's outputs; move to the next."""
-        self.hidden = self.run()
+    def advance(self, fn: Callable[[torch.Tensor, int], None] | None = None) -> None:
+        """Replace the stored hidden states by the current layer's outputs (one pass, with
+        ``fn`` and any open captures); move to the next layer."""
+        outs = self.run(fn, keep=True)
+        assert outs is not None
+        self.hidden = outs
         self.layer += 1

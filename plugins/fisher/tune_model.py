@@ -176,8 +176,7 @@ def tune_masks(
 
         with teacher.capture(attn.o, put("o"), output=True), teacher.capture(mlp.out, put("down"), output=True), \
                 teacher.capture(mlp.inputs[0], put("mlp_in")):
-            outs = teacher.run(teacher_batch)
-        teacher.hidden, teacher.layer = outs, teacher.layer + 1  # == teacher.advance(), without a second pass
+            teacher.advance(teacher_batch)
 
         # -- student, attention: accumulate and solve for the kept units' scales
         kept_h = torch.nonzero(heads[layer]).flatten()
