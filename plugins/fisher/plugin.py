@@ -19,6 +19,10 @@ GRAD_KEYS = ("fisher_head_grads", "fisher_neuron_grads")  # scores.extra: per la
 
 GRAD_BATCH = Option("fisher_grad_batch_size", 0, "examples per mask-gradient mini-batch: 0 = the calibration "
                     "batches as given (the public code: 32), 1 = per example (exact empirical Fisher, slower)")
+MICRO_BATCH = Option("fisher_micro_batch", 4, "examples per forward/backward inside a gradient mini-batch "
+                     "(gradients accumulated: the same Fisher, peak memory of one micro-batch); 0 = whole mini-batch")
+LOSS_CHUNK = Option("fisher_loss_chunk", 1024, "causal LMs: tokens per chunk of the output head in the "
+                    "next-token loss (the full tokens x vocab logits are never formed)")
 DAMP = Option("fisher_damp", 1e-2, "mask tuning: relative damping towards scale 1 (lam = damp^2 x mean squared "
               "norm of a unit's contribution); 0 = plain least squares")
 BOUND = Option("fisher_scale_bound", 10.0, "mask tuning: a sub-layer whose scales leave [-b, b] keeps its 0/1 "
@@ -29,7 +33,7 @@ BOUND = Option("fisher_scale_bound", 10.0, "mask tuning: a sub-layer whose scale
 def tshrink_stages() -> list[StageSpec]:
     return [
         StageSpec("score", "fisher", "empirical Fisher diagonal of head/neuron masks from task-loss gradients",
-                  needs_calibration=True, needs_gradients=True, needs_labels=True, options=(GRAD_BATCH,),
+                  needs_calibration=True, needs_gradients=True, needs_labels=True, options=(GRAD_BATCH, MICRO_BATCH, LOSS_CHUNK),
                   paper=PAPER),
         StageSpec("select", "fisher-search", "best split between heads and neurons under the FLOPs budget "
                   "(global importance ranking per unit cost)", paper=PAPER),
@@ -66,9 +70,12 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     from .fisher_math import fisher_importance
 
     head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device,
-                                                  grad_batch_size=options["fisher_grad_batch_size"])
+                                                  grad_batch_size=options["fisher_grad_batch_size"],
+                                                  micro_batch=options["fisher_micro_batch"],
+                                                  chunk_tokens=options["fisher_loss_chunk"])
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
-                            "grad_batch_size": options["fisher_grad_batch_size"]}
+                            "grad_batch_size": options["fisher_grad_batch_size"],
+                            "micro_batch": options["fisher_micro_batch"], "loss_chunk": options["fisher_loss_chunk"]}
     return UnitScores([fisher_importance(g) for g in head_grads], [fisher_importance(g) for g in neuron_grads],
                       extra=dict(zip(GRAD_KEYS, (head_grads, neuron_grads))))
 
