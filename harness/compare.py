@@ -31,7 +31,8 @@ def _score_key(registry: Any, spec: Any, opts: dict[str, Any]) -> Any:
 
 def compare(*, methods: str | None, model: str | None, budgets: list[float], options: dict[str, Any],
             calib_samples: int | None = None, eval_samples: int | None = None, seq_len: int | None = None,
-            data_dir: str | None = None, device: str = "cpu", seed: int = 0, results_dir: str = "results",
+            data_dir: str | None = None, device: str = "cpu", dtype: str | None = "auto", seed: int = 0,
+            results_dir: str = "results",
             task: str | None = None, lmeval_include: str | None = None, squad_split: str | None = None,
             num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8, latency_batch: int = 1, latency_warmup: int = 2, latency_repeats: int = 5,
             leaderboard: bool = True, command: list[str] | None = None, pm: Any = None) -> list[dict[str, Any]]:
@@ -52,13 +53,13 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     plan = make_plan(methods=methods, model=model, task=task, options=options, data_dir=data_dir, device=device,
                      seq_len=seq_len, calib_samples=calib_samples, eval_samples=eval_samples,
                      lmeval_include=lmeval_include, squad_split=squad_split, num_beams=num_beams,
-                     max_new_tokens=max_new_tokens, pm=pm)
-    t, seq = plan.task, plan.seq_len
+                     max_new_tokens=max_new_tokens, pm=pm, dtype=dtype)
+    t, seq, device = plan.task, plan.seq_len, plan.device
     # ---- nothing was loaded before this line: every error above is cheap -----------
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per run is ours; no per-save / per-load bars
-    dense, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels)
+    dense, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels, dtype=plan.dtype)
     dense.to(device)
     model_hash = R.hash_tensors(dense)
     settings = {"seq_len": seq, "eval_samples": plan.eval_samples, "batch_size": batch_size, "device": device}
@@ -149,7 +150,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
         R.write_record(results_dir, rec)
         out.append(rec)
         del net
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.empty_cache()
     print(render_group(out))
     if leaderboard:

@@ -167,9 +167,10 @@ class LayerStream:
 
     ``device``: where layers run. ``offload``: where the hidden states are kept between
     passes (host memory by default; the device itself when they fit there).
-    ``layer_offload``: the layers' weights live on the host and each layer is moved to
-    ``device`` only while it runs (:meth:`run`), then back -- peak device memory is one
-    layer's weights plus one batch of activations (plus what the caller's statistics hold).
+    ``layer_offload``: the layers' weights live on the host; the current layer is moved to
+    ``device`` by its first :meth:`run` and back by :meth:`advance` / :meth:`release`, so
+    a method may also correct its weights on the device -- peak device memory is one layer's
+    weights plus one batch of activations (plus what the caller's statistics hold).
     The modules outside the layers (embeddings, rotary tables) must be on ``device``.
 
     Nothing from one pass is kept for the next but the hidden states: decoders run with
@@ -190,8 +191,6 @@ class LayerStream:
         self.args: list[tuple[Any, ...]] = []  # per batch: further positional arguments of the layer call
         self.kwargs: list[dict[str, Any]] = []  # per batch: what the backbone passes every layer
         self.token_masks: list[torch.Tensor] = []  # per batch: (batch, seq) bool, True = real token
-        self.resident: list[int] = []  # layers whose weights are on the device (layer_offload)
-        self.max_resident = 0  # most layers on the device at once (layer_offload)
         first = adapter.layers()[0]
 
         def keep(value: Any) -> Any:  # positional/keyword tensors: kept where the hidden states are
@@ -224,19 +223,36 @@ class LayerStream:
         """Bytes of the tensors the stream keeps between passes (hidden states, layer arguments)."""
         return tensor_bytes([self.hidden, self.args, self.kwargs, self.token_masks])
 
-    @contextmanager
-    def _on_device(self, block: nn.Module) -> Iterator[None]:
+    def _residency(self) -> dict[str, Any]:
+        # shared by every stream over this adapter (mask tuning runs a teacher and a student)
+        return self.adapter.model.__dict__.setdefault("_tshrink_resident", {"layers": set(), "max": 0})
+
+    def _acquire(self) -> None:
+        """Layer offload: put the current layer on the device (evicting any other first)."""
         if not self.layer_offload:
-            yield
             return
-        block.to(self.device)
-        self.resident.append(self.layer)
-        self.max_resident = max(self.max_resident, len(self.resident))
-        try:
-            yield
-        finally:
-            block.to(self.host)
-            self.resident.remove(self.layer)
+        r = self._residency()
+        if self.layer in r["layers"]:
+            return
+        layers = self.adapter.layers()
+        for other in sorted(r["layers"]):
+            layers[other].to(self.host)
+            r["layers"].discard(other)
+        layers[self.layer].to(self.device)
+        r["layers"].add(self.layer)
+        r["max"] = max(r["max"], len(r["layers"]))
+
+    def release(self) -> None:
+        """Layer offload: move the current layer back to the host (call when done with it;
+        :meth:`advance` does)."""
+        if self.layer_offload and self.layer in self._residency()["layers"]:
+            self.adapter.layers()[self.layer].to(self.host)
+            self._residency()["layers"].discard(self.layer)
+
+    @property
+    def max_resident(self) -> int:
+        """Most layers on the device at once so far (layer offload)."""
+        return self._residency()["max"]
 
     def _move(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -252,7 +268,8 @@ class LayerStream:
         a capture-only pass (the default) copies nothing back."""
         block = self.adapter.layers()[self.layer]
         outs: list[torch.Tensor] = []
-        with torch.no_grad(), self._on_device(block):
+        self._acquire()
+        with torch.no_grad():
             for i, (hidden, args, kwargs) in enumerate(zip(self.hidden, self.args, self.kwargs)):
                 self._batch = i
                 out = block(hidden.to(self.device), *self._move(args), **{k: self._move(v) for k, v in kwargs.items()})
@@ -290,4 +307,5 @@ class LayerStream:
         outs = self.run(fn, keep=True)
         assert outs is not None
         self.hidden = outs
+        self.release()
         self.layer += 1

@@ -151,8 +151,12 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
 
         from .surgery import shrink_to_widths
 
+        from .placement import checkpoint_dtype
+
         with no_init_weights():
             model = cls(config)
+        if checkpoint_dtype(config) is not None:  # reload in the dtype it was saved in (bfloat16 stays bfloat16)
+            model.to(checkpoint_dtype(config))
         shrink_to_widths(get_adapter(model), manifest["widths"])
         state = _state_dict(path)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -18,6 +18,7 @@ from .arch.base import Adapter
 from .arch.families import get_adapter
 from .calibration import CalibrationData
 from .cost import CostModel, check_budget
+from .placement import Placement, place_model
 from .registry import Registry
 from .spec import MethodSpec
 from .surgery import apply_selection
@@ -38,6 +39,13 @@ class PruneContext:
     pm: pluggy.PluginManager
     progress: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    layer_offload: bool = False  # layers live on the host; streams move one at a time to ``device``
+    hidden_device: torch.device | None = None  # where streams keep hidden states (None: the host)
+
+    def stream_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~tshrink.calibration.LayerStream` under this placement."""
+        return {"device": self.device, "offload": self.hidden_device or torch.device("cpu"),
+                "layer_offload": self.layer_offload}
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A seeded CPU generator (stages draw their randomness from it)."""
@@ -70,7 +78,7 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
           calib: CalibrationData | None = None, seq_len: int | None = None,
           options: dict[str, Any] | None = None, pm: pluggy.PluginManager | None = None,
           device: str | torch.device | None = None, seed: int = 0, progress: bool = False,
-          scores: UnitScores | None = None) -> PruneResult:
+          scores: UnitScores | None = None, placement: Placement | None = None) -> PruneResult:
     """Compress ``model`` in place with ``method`` (a registered name or a recipe string).
 
     budget: fraction of the transformer layers' FLOPs to keep, in (0, 1].
@@ -79,6 +87,9 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     scores: the output of this recipe's score stage from an earlier call on an identical
         dense model with the same calibration data, seed and score options (``result.scores``);
         the score stage is then skipped. Scores do not depend on the budget (hook contract).
+    placement: where to run (:func:`tshrink.placement.plan_placement`); with layer offload
+        only the modules outside the layers go to the device and the stages stream the layers
+        one at a time. Overrides ``device``.
     """
     if pm is None:
         from .manager import get_plugin_manager
@@ -101,12 +112,22 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         if recipe.prunes:
             raise
         adapter = None  # e.g. quantizing an encoder-decoder: transforms walk the modules themselves
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(dev)
+    if placement is not None:
+        dev = placement.device
+        if placement.layer_offload and (adapter is None or needs["gradients"]):
+            raise ValueError(f"method {spec.name!r} back-propagates through the whole model, which layer offload "
+                             f"cannot stream; it needs ~{placement.need_resident_bytes / 2**30:.2f} GiB on {dev} "
+                             f"({placement.available_bytes / 2**30:.2f} GiB available)")
+        place_model(model, adapter, placement)
+    else:
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        model.to(dev)
     model.eval()
     seq = seq_len or (calib.seq_len if calib is not None else 128)
     cost = CostModel(adapter, seq) if adapter is not None else None
     ctx = PruneContext(model, adapter, cost, budget, calib, dev, seed, pm, progress)
+    if placement is not None:
+        ctx.layer_offload, ctx.hidden_device = placement.layer_offload, placement.hidden_device
     torch.manual_seed(seed)
     hook = pm.hook
     counts = (adapter.head_counts(), adapter.neuron_counts()) if adapter is not None else ([], [])
@@ -176,6 +197,7 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         "timings_s": timings,
         "time_s": time.perf_counter() - start,
         "device": str(dev),
+        "placement": placement.describe() if placement is not None else None,
         "seed": seed,
     }
     return PruneResult(model, selection, report, compressed, scores if recipe.prunes else None)

@@ -138,7 +138,7 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
     if not bound >= 1.0:
         raise ValueError(f"fisher_scale_bound must be >= 1 (scale 1, the untuned mask, must be allowed), got {bound!r}")
     result = tune_masks(ctx.adapter, ctx.calib, selection, damp=float(options["fisher_damp"]),
-                        bounds=(-bound, bound), device=ctx.device)
+                        bounds=(-bound, bound), device=ctx.device, stream_options=ctx.stream_options())
     fold_scales(ctx.adapter, selection, result.heads, result.neurons)
     n = max(len(result.stats), 1)
     ctx.report["fisher-tune"] = {

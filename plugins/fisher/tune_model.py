@@ -144,6 +144,7 @@ def tune_masks(
     damp: float = DAMP,
     bounds: tuple[float, float] = BOUNDS,
     device: torch.device | str | None = None,
+    stream_options: dict[str, Any] | None = None,
 ) -> TuneResult:
     """Tuned real masks for ``selection`` (see the module docstring); the model is not changed."""
     if adapter.family not in MLP_RESIDUAL:
@@ -156,8 +157,9 @@ def tune_masks(
     dev = torch.device(device) if device is not None else next(adapter.model.parameters()).device
     masks_dev = [m.to(dev) for m in hm + nm]  # read by the hooks at every forward; edited in place
     heads, neurons = masks_dev[: len(hm)], masks_dev[len(hm):]
-    teacher = LayerStream(adapter, calib, device=dev)
-    student = LayerStream(adapter, calib, device=dev)
+    opts = dict(stream_options or {}, device=dev)
+    teacher = LayerStream(adapter, calib, **opts)
+    student = LayerStream(adapter, calib, **opts)
     stats: list[dict[str, Any]] = []
     for layer in range(adapter.num_layers):
         attn, mlp = adapter.attn(layer), adapter.mlp(layer)
@@ -213,6 +215,7 @@ def tune_masks(
         if layer + 1 < adapter.num_layers:
             with soft_masks(adapter, heads, neurons):
                 student.advance()
+    student.release()
     return TuneResult([m.cpu() for m in heads], [m.cpu() for m in neurons], stats)
 
 

@@ -78,7 +78,7 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     from .prune import StatConfig, stat_scores
 
     return stat_scores(ctx.adapter, ctx.calib, StatConfig.from_options(options, ctx.seed), device=ctx.device,
-                       report=ctx.report.setdefault("stat:score", {}))
+                       report=ctx.report.setdefault("stat:score", {}), stream_options=ctx.stream_options())
 
 
 @hookimpl
@@ -98,4 +98,5 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
     from .prune import StatConfig, stat_correct
 
     return stat_correct(ctx.adapter, ctx.calib, selection, StatConfig.from_options(options, ctx.seed),
-                        device=ctx.device, report=ctx.report.setdefault("stat:correct", {}))
+                        device=ctx.device, report=ctx.report.setdefault("stat:correct", {}),
+                        stream_options=ctx.stream_options())

@@ -245,7 +245,7 @@ def _dropped(warn: Callable[[str], None], layer: int, what: str, stats: ColumnSt
 
 # -- score ---------------------------------------------------------------------------------
 def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, device: torch.device,
-                report: dict[str, Any] | None = None) -> UnitScores:
+                report: dict[str, Any] | None = None, stream_options: dict[str, Any] | None = None) -> UnitScores:
     """Error curves of every layer on the dense model and the unit scores derived from them.
 
     A unit's score is its hull gain (:func:`.allocate.hull_gains`) at its pivot position:
@@ -255,7 +255,7 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
     """
     report = report if report is not None else {}
     warnings: list[str] = report.setdefault("warnings", [])
-    stream = LayerStream(adapter, calib, device=device)
+    stream = LayerStream(adapter, calib, **(stream_options or {"device": device}))
     L = adapter.num_layers
     out: dict[str, list[Any]] = {"heads": [], "neurons": []}
     scores: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": []}
@@ -287,6 +287,7 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             s[order.cpu()] = hull_gains(curve)
             out[kind].append({"order": order.cpu(), "errors": curve})
             scores[kind].append(s.float())
+    stream.release()
     report["error_norm"] = cfg.error_norm
     report["route"] = "gram+pivoted-cholesky" if cfg.sketch == "none" else f"{cfg.sketch}-sketch+pivoted-qr"
     return UnitScores(scores["heads"], scores["neurons"], extra={"stat": out})
@@ -342,7 +343,8 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
 
 # -- correct -------------------------------------------------------------------------------
 def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection, cfg: StatConfig, *,
-                 device: torch.device, report: dict[str, Any] | None = None) -> Selection:
+                 device: torch.device, report: dict[str, Any] | None = None,
+                 stream_options: dict[str, Any] | None = None) -> Selection:
     """Layer by layer: re-decompose at the selection's widths (``cfg.repick``; otherwise keep
     its indices), fold the least-squares correction into the output projections, and run
     the pruned layer so the next one calibrates on pruned inputs (``cfg.sequential``:
@@ -353,7 +355,7 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
     report = report if report is not None else {}
     warnings: list[str] = report.setdefault("warnings", [])
     layers_report: list[dict[str, Any]] = report.setdefault("layers", [])
-    stream = LayerStream(adapter, calib, device=device)
+    stream = LayerStream(adapter, calib, **(stream_options or {"device": device}))
     L = adapter.num_layers
     new_heads = [list(h) for h in selection.heads]
     new_neurons = [list(n) for n in selection.neurons]
@@ -384,6 +386,7 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
                                  new_neurons[layer] if do_mlp else None)
             _pass(stream, [], advance=True, masks=masks)
         layers_report.append(info)
+    stream.release()
     return Selection(new_heads, new_neurons)
 
 
