@@ -21,10 +21,12 @@ from tshrink.spec import MethodSpec, Option, Recipe, StageSpec
 
 PAPER = "Flynn et al., Shrinking Transformers After Training (STAT), arXiv 2406.00061"
 
-SKETCH = Option("stat_sketch", "none", "activation statistics: exact Gram ('none') or a streamed row sketch "
-                "(Gaussian / CountSketch, then pivoted QR of the sketch)", ("none", "gaussian", "countsketch"))
-SKETCH_SIZE = Option("stat_sketch_size", 0, "rows of the sketch; 0 = 2r+10 (Gaussian) or 4r+10 (CountSketch) "
-                     "for target rank r (the kept width when correcting, all columns when scoring)")
+SKETCH = Option("stat_sketch", "none", "activation statistics at the correct stage: exact Gram ('none') or a "
+                "streamed row sketch (Gaussian / CountSketch, then pivoted QR of the sketch on the device); used "
+                "only where it is cheaper than the Gram (rows < columns), never when scoring",
+                ("none", "gaussian", "countsketch"))
+SKETCH_SIZE = Option("stat_sketch_size", 0, "rows of the sketch; 0 = 2k+10 (Gaussian) or 4k+10 (CountSketch) "
+                     "for the kept width k; at least the number of columns means the exact Gram")
 CENTER = Option("stat_center", True, "when the output projection has a bias: decompose centred activations "
                 "and fold the removed units' mean output into the bias")
 ERROR_NORM = Option("stat_error_norm", "stream", "scale of the error curves: relative to the typical "

@@ -39,10 +39,14 @@ device, and the ID by pivoted Cholesky (LAPACK ``dpstrf`` on the CPU, a blocked 
 on a GPU) -- the same pivots and ``R`` as pivoted QR in exact arithmetic (torch has no
 pivoted QR), at the price of a squared condition number, irrelevant for the leading pivots
 that pruning keeps. With ``stat_sketch="gaussian"|"countsketch"`` a row sketch
-``Y = S A`` (s x n) is streamed instead (CountSketch: O(n) per token instead of O(n^2));
-when ``s < n`` (correcting to a small width) the neuron ID is the pivoted QR of ``Y``
-(scipy, float64, on the CPU: ``Y`` is small), otherwise the pivoted Cholesky of ``Y^T Y``;
-the head selection and the folds use ``Y^T Y``.
+``Y = S A`` (s x n) is streamed instead (CountSketch: O(n) per token instead of O(n^2)),
+sized by what it is for and never above the exact path's cost: only the correct stage
+sketches (it knows the kept width k; s = 2k+10 Gaussian, 4k+10 CountSketch rows), and
+only when s < n -- otherwise, and always at the score stage (which needs the error at
+every width, i.e. rank n), the exact Gram is kept and the report says why. The neuron ID
+of a short sketch is k steps of column-pivoted QR in torch on the statistics' device
+(:func:`.idecomp.partial_pivoted_qr`, O(k s n)); the folds read only the kept rows
+``Y_K^T Y`` (no n x n matrix); the head selection uses ``Y^T Y`` (n = hidden size).
 
 Robustness. Token rows with NaN/inf are dropped (and reported); a layer whose statistics
 are empty or non-finite keeps the incoming selection without any weight change, with a
@@ -50,6 +54,7 @@ warning in the report. No module is resized here: the host removes units afterwa
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -66,8 +71,8 @@ from tshrink.units import Selection, UnitScores
 
 from .allocate import allocate_global, allocate_uniform, hull_gains
 from .collect import SKETCHES, ColumnStats, stream_energy
-from .idecomp import (block_columns, id_from_gram, interpolative_decomposition, least_squares_fold,
-                      select_blocks, weighted_residuals)
+from .idecomp import (block_columns, id_from_gram, least_squares_fold_rows, partial_pivoted_qr, select_blocks,
+                      weighted_residuals)
 
 ERROR_NORMS = ("stream", "none")
 SEQUENTIAL = ("sublayer", "layer", "none")
@@ -165,10 +170,10 @@ def neuron_decomposition(stats: ColumnStats, W: torch.Tensor, center: bool,
     M, Mp = unit_scaling(W, 1)
     M, Mp = M.to(stats.sum.device), Mp.to(stats.sum.device)
     kind, mat = stats.scaled(center, M)
-    if kind == "sketch" and mat.shape[0] < mat.shape[1]:  # a short sketch: pivoted QR of it (scipy, CPU)
-        d = interpolative_decomposition(mat, k)
-    else:  # the Gram (exact, or of a sketch at least as tall as wide): pivoted Cholesky
-        d = id_from_gram(mat if kind == "gram" else mat.T @ mat, k)
+    if kind == "sketch" and k > 0 and mat.shape[0] < mat.shape[1]:  # a short sketch: k pivoted-QR steps, on its device
+        pivots, factor = partial_pivoted_qr(mat, k)
+        return pivots, weighted_residuals(factor, block_apply(W, Mp))
+    d = id_from_gram(mat if kind == "gram" else mat.T @ mat, k)  # the Gram: pivoted Cholesky
     return d.pivots, weighted_residuals(d.factor.to(mat.device), block_apply(W, Mp))
 
 
@@ -188,12 +193,13 @@ def fold_into(linear: nn.Linear, stats: ColumnStats, cols: torch.Tensor, center:
     """Replace ``linear``'s columns ``cols`` by the least-squares fold (and its bias by the
     centred fit's intercept). Returns a reason instead of writing if the result is not finite."""
     center = center and linear.bias is not None
-    G = stats.gram(center)
-    if not bool(torch.isfinite(G).all()):
+    cols = cols.to(stats.sum.device).long()
+    GK, trace = stats.gram_rows(center, cols)  # (|K|, n): no n x n Gram is formed from a sketch
+    if not bool(torch.isfinite(GK).all()) or not math.isfinite(trace):
         return "activation statistics are not finite"
     W = linear.weight
-    cols = cols.to(G.device).long()
-    Wk = least_squares_fold(G, W, cols, damping=damping)  # (out, |K|)
+    G = GK
+    Wk = least_squares_fold_rows(GK, trace, W, cols, damping=damping)  # (out, |K|)
     bias = None
     if center:
         mu = stats.mean  # (n,)
@@ -289,7 +295,10 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             scores[kind].append(s.float())
     stream.release()
     report["error_norm"] = cfg.error_norm
-    report["route"] = "gram+pivoted-cholesky" if cfg.sketch == "none" else f"{cfg.sketch}-sketch+pivoted-qr"
+    report["route"] = "gram+pivoted-cholesky"
+    if cfg.sketch != "none":
+        report["sketch_note"] = (f"stat_sketch={cfg.sketch!r} is used at the correct stage only: scoring needs the "
+                                 "error at every width, for which a sketch costs more than the exact Gram")
     return UnitScores(scores["heads"], scores["neurons"], extra={"stat": out})
 
 
@@ -368,6 +377,9 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
         att = cfg.stats(a.o.in_features, device, target_rank=kh * bs, seed=2 * layer) if do_att else None
         mlp = cfg.stats(m.neurons, device, target_rank=kn, seed=2 * layer + 1) if do_mlp else None
         info: dict[str, Any] = {"layer": layer, "heads": kh, "neurons": kn}
+        for what, st in (("attn", att), ("mlp", mlp)):
+            if st is not None:
+                info[f"{what}_route"] = st.route + (f" ({st.note})" if st.note else "")
         if cfg.sequential == "none":  # statistics of the dense model: one pass per layer
             _pass(stream, [(a.o, att), (m.out, mlp)], advance=not last)
         elif do_att or do_mlp:
