@@ -348,3 +348,16 @@ def test_allocate_needs_stat_curves() -> None:
     calib = _batches("llama", 0, n=1)
     with pytest.raises(ValueError, match="needs the error curves of score stage 'stat'"):
         prune(structured("llama"), "score=magnitude,select=stat-allocate", 0.5, calib=calib)
+
+
+def test_min_width_floor_holds_in_every_layer() -> None:
+    calib = _batches("llama", 0)
+    free = structured("llama")
+    r0 = prune(free, "stat", 0.35, calib=calib)
+    floored = structured("llama")
+    r1 = prune(floored, "stat", 0.35, calib=calib, options={"stat_min_width": 0.25})
+    n = free.config.intermediate_size
+    assert min(r1.report["widths_after"]["neurons"]) >= int(0.25 * n)
+    assert r1.report["flops_kept"] <= 0.35 + 1e-9 and r0.report["flops_kept"] <= 0.35 + 1e-9
+    with pytest.raises(ValueError, match="stat_min_width"):
+        prune(structured("llama"), "stat", 0.35, calib=calib, options={"stat_min_width": 1.5})

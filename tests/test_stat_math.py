@@ -400,3 +400,16 @@ def test_gram_rows_are_the_rows_of_the_gram(sketch: str) -> None:
         rows, trace = st.gram_rows(center, K)
         torch.testing.assert_close(rows, G[K], rtol=1e-9, atol=1e-9)
         assert math.isclose(trace, float(G.diagonal().sum()), rel_tol=1e-9)
+
+
+def test_allocation_floors_are_kept_and_paid_first() -> None:
+    from tshrink_plugins.stat.allocate import allocate_global
+
+    steep = torch.tensor([10.0, 1.0, 0.5, 0.2, 0.1, 0.0], dtype=F64)  # 5 units, most gain in the first
+    flat = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0], dtype=F64)
+    free = allocate_global([steep, flat], [1, 1], 3)
+    assert free == [3, 0]  # without a floor the flat curve loses every unit
+    floored = allocate_global([steep, flat], [1, 1], 3, floors=[1, 2])
+    assert floored[1] >= 2 and floored[0] >= 1 and sum(floored) <= 3
+    with pytest.raises(ValueError, match="minimum widths cost"):
+        allocate_global([steep, flat], [1, 1], 3, floors=[2, 2])

@@ -304,10 +304,15 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
 
 # -- select --------------------------------------------------------------------------------
 def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocation: str = "global",
-                  prune_heads: bool = True, report: dict[str, Any] | None = None) -> Selection:
+                  prune_heads: bool = True, min_width: float = 0.0,
+                  report: dict[str, Any] | None = None) -> Selection:
     """Widths per layer and kind from the error curves of ``stat_scores``; each layer keeps
     the prefix of its pivot order. ``prune_heads=False`` keeps every attention unit unless
-    the budget cannot be met that way (then heads are allocated too, with a warning)."""
+    the budget cannot be met that way (then heads are allocated too, with a warning).
+    ``min_width`` (global allocation): every layer keeps at least ``floor(min_width * n)`` of
+    its n attention units and of its n MLP neurons."""
+    if not (isinstance(min_width, (int, float)) and 0.0 <= min_width <= 1.0):
+        raise ValueError(f"stat_min_width={min_width!r} must be a fraction in [0, 1]")
     report = report if report is not None else {}
     if allocation not in ("global", "uniform"):
         raise ValueError(f"stat_allocation={allocation!r} is not one of ('global', 'uniform')")
@@ -335,7 +340,8 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
             sizes.append(None if curve is None else curve["order"].numel())
             unit_macs.append(macs)
     if allocation == "global":
-        widths = allocate_global(curves, unit_macs, allowed)
+        floors = [0 if n is None else int(min_width * n) for n in sizes]
+        widths = allocate_global(curves, unit_macs, allowed, floors)
     else:
         widths = allocate_uniform(sizes, unit_macs, allowed)
     sel_heads, sel_neurons = [], []
