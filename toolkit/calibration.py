@@ -198,7 +198,7 @@ class LayerStream:
 
         def grab(module, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            self.hidden.append(hidden.detach().to(self.offload))
+            self.hidden.append(self._store(hidden.detach()))
             self.args.append(tuple(a for a in args[1:] if not _is_cache(a)))
             self.kwargs.append({k: keep(v) if not isinstance(v, tuple) else tuple(keep(x) for x in v)
                                 for k, v in kwargs.items() if k not in _CACHE_KWARGS and not _is_cache(v)})
@@ -254,6 +254,14 @@ class LayerStream:
         """Most layers on the device at once so far (layer offload)."""
         return self._residency()["max"]
 
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` where hidden states are kept: on the host in pinned memory when the layers run
+        on a GPU (so the next pass's upload is asynchronous), else on ``offload``."""
+        if self.offload.type == "cpu" and self.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t)
+        return t.to(self.offload)
+
     def _move(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value.to(self.device, non_blocking=True)
@@ -272,12 +280,12 @@ class LayerStream:
         with torch.no_grad():
             for i, (hidden, args, kwargs) in enumerate(zip(self.hidden, self.args, self.kwargs)):
                 self._batch = i
-                out = block(hidden.to(self.device), *self._move(args), **{k: self._move(v) for k, v in kwargs.items()})
+                out = block(hidden.to(self.device, non_blocking=True), *self._move(args), **{k: self._move(v) for k, v in kwargs.items()})
                 out = out[0] if isinstance(out, tuple) else out  # (batch, seq, hidden)
                 if fn is not None:
                     fn(out, i)
                 if keep:
-                    outs.append(out.detach().to(self.offload))
+                    outs.append(self._store(out.detach()))
                 del out
         return outs if keep else None
 
