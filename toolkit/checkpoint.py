@@ -149,9 +149,8 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
     else:
         from transformers.initialization import no_init_weights
 
-        from .surgery import shrink_to_widths
-
         from .placement import checkpoint_dtype
+        from .surgery import shrink_to_widths
 
         with no_init_weights():
             model = cls(config)

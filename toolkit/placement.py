@@ -175,11 +175,15 @@ def model_shape(model_or_config: Any, dtype: torch.dtype, head: str = "base") ->
                  max(adapter.neuron_counts() or [0]), size)
 
 
+STATS_COPIES = 6  # n x n float64 matrices alive at once in STAT's decomposition (measured 5.8 at 7B shape)
+
+
 def stats_bytes(shape: Shape) -> int:
     """Working memory of one layer's statistics, the largest of the built-in methods: STAT's
-    float64 Grams of the down- and output-projection inputs, each with a scaled copy and a
-    factor (3 n^2 doubles)."""
-    return 3 * 8 * (shape.intermediate ** 2 + shape.hidden ** 2)
+    float64 Grams of the down- and output-projection inputs with the copies its decomposition
+    holds at its peak (Gram, scaled copy, symmetrised copy, LAPACK workspace, fold rows):
+    ``STATS_COPIES x 8 (n^2 + h^2)`` bytes, from benchmarks/scale_bench.py's 7B-shaped layer."""
+    return STATS_COPIES * 8 * (shape.intermediate ** 2 + shape.hidden ** 2)
 
 
 def activation_bytes(shape: Shape, batch_tokens: int) -> int:
