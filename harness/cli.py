@@ -117,7 +117,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune_to_dir(model=args.model, method=args.method, budget=_budgets(args.flops)[0],
                           output=args.output, options=_opts(args.opt), calib_samples=args.calib_samples,
                           seq_len=args.seq_len, data_dir=args.data_dir, device=args.device, seed=args.seed,
-                          task=args.task, overwrite=args.overwrite)
+                          task=args.task, overwrite=args.overwrite, dtype=args.dtype,
+                          device_memory=args.device_memory, offload=args.offload)
     keys = ("method", "task", "budget", "flops_kept", "seq_len", "fvcore_flops_before", "fvcore_flops_after",
             "params_before", "params_after", "time_s")
     for k in keys:
@@ -139,7 +140,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     recs = compare(
         methods=args.methods, model=args.model, task=args.task, budgets=budgets, options=_opts(args.opt),
         calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
-        data_dir=args.data_dir, device=args.device, seed=args.seed, results_dir=args.results,
+        data_dir=args.data_dir, device=args.device, dtype=args.dtype, seed=args.seed, results_dir=args.results,
         lmeval_include=args.lmeval_include, squad_split=args.squad_split, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         latency_batch=_sizes(args.latency_batch), latency_warmup=args.latency_warmup,
@@ -201,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--calib-samples", type=int, default=None, help="calibration examples (default per task)")
         s.add_argument("--seq-len", type=int, default=None, help="sequence length: calibration, FLOPs, evaluation")
         s.add_argument("--data-dir", default=None, help="local data directory (default $TSHRINK_DATA_DIR)")
-        s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+        s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when present; default cpu)")
+        s.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 (GPU only) or "
+                       "float32: load and run in it; statistics in float32/64; saved in it")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--block", action="append", metavar="NAME", help="plugin (entry-point) name not to load "
                        "(e.g. a broken third-party plugin); repeatable; also TSHRINK_BLOCK_PLUGINS")
@@ -213,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--overwrite) a checkpoint the toolkit wrote")
     s.add_argument("--overwrite", action="store_true", help="replace --output if it holds a checkpoint the toolkit "
                    "wrote (tshrink.json); any other non-empty directory is never replaced")
+    s.add_argument("--device-memory", default=None, help="memory usable on the device, e.g. 40GiB (default: "
+                   "what is free); a model that does not fit keeps its layers on the host, one at a time on the device")
+    s.add_argument("--offload", default="auto", choices=("auto", "always", "never"),
+                   help="layer-wise offload: when the model does not fit (auto), always, or never")
     common(s)
     s.set_defaults(func=cmd_prune)
 

@@ -44,6 +44,7 @@ class Settings:
     seq_len: int | None = None
     data_dir: str | None = None
     device: str = "cpu"
+    dtype: str | None = "auto"
     seed: int = 0
     task: str | None = None
     lmeval_include: str | None = None
@@ -74,7 +75,7 @@ class Settings:
                          data_dir=self.data_dir, device=device or self.device, seq_len=self.seq_len,
                          calib_samples=self.calib_samples, eval_samples=self.eval_samples,
                          lmeval_include=self.lmeval_include, squad_split=self.squad_split, num_beams=self.num_beams,
-                         max_new_tokens=self.max_new_tokens, pm=pm or plugin_manager(self.plugins))
+                         max_new_tokens=self.max_new_tokens, pm=pm or plugin_manager(self.plugins), dtype=self.dtype)
 
 
 def plugin_manager(plugins: tuple[str, ...] = ()) -> Any:
@@ -129,13 +130,14 @@ class Session:
         pricing = parse_pricing(s.flops_seq_len)
         self.plan = plan = s.plan(pm)
         t, seq = self.task, self.seq = plan.task, plan.seq_len
+        self.device = device = plan.device  # resolved: cpu, cuda:N
         # ---- nothing was loaded before this line: every error above is cheap -----------
         hf_logging.disable_progress_bar()  # one bar per run is ours; no per-save / per-load bars
-        self.dense, self.tok = load_model(plan.model, head=t.head, num_labels=t.num_labels)
-        self.dense.to(s.device)
+        self.dense, self.tok = load_model(plan.model, head=t.head, num_labels=t.num_labels, dtype=plan.dtype)
+        self.dense.to(device)
         model_hash = R.hash_tensors(self.dense)
         self.record_settings = {"seq_len": seq, "eval_samples": plan.eval_samples, "batch_size": s.batch_size,
-                                "device": s.device}
+                                "device": device}
         self.calib = build_calibration(plan, self.tok, seed=s.seed, batch_size=s.batch_size)
         self.calib_desc = (R.jsonable(self.calib.describe() | {"hash": R.hash_calibration(self.calib), "seed": s.seed})
                            if self.calib else None)
@@ -148,10 +150,10 @@ class Session:
         self.base = {"schema": R.SCHEMA,
                      "model": {"spec": plan.model, "hash": model_hash, "architecture": type(self.dense).__name__},
                      "task": task_desc, "settings": self.record_settings, "versions": R.versions(),
-                     "git": R.git_revision(), "device": R.device_info(s.device),
+                     "git": R.git_revision(), "device": R.device_info(device),
                      "command": list(s.command) if s.command else None, "flops_convention": FLOPS_NOTE,
                      "executor": executor or {"kind": "serial"}}
-        self.eval_kw = {"device": s.device, "limit": plan.eval_samples, "seq_len": seq, "batch_size": s.batch_size}
+        self.eval_kw = {"device": device, "limit": plan.eval_samples, "seq_len": seq, "batch_size": s.batch_size}
         self.lat_batches = [make_batch(int(self.dense.config.vocab_size), b, seq, s.seed)
                             for b in dict.fromkeys(s.latency_batch)]
         self.lat_kw = {"warmup": s.latency_warmup, "rounds": s.latency_repeats, "min_run_time": s.latency_min_time,
@@ -219,7 +221,7 @@ class Session:
             evaluation=dict(ev.info, time_s=time.perf_counter() - start),
             flops={"fvcore": fv, "fvcore_dense": fv, "kept": 1.0, "analytic_kept": 1.0, "seq_len": self.seq},
             params=params, params_dense=params,
-            latency=latency_record(dense, None, self.lat_batches, self.settings.device, **self.lat_kw),
+            latency=latency_record(dense, None, self.lat_batches, self.device, **self.lat_kw),
             size=dict(size, dense_bytes=size["bytes"], compression_ratio=1.0,
                       bits_per_weight=bits_per_weight(dense, None)),
             prune={"time_s": 0.0}))
@@ -250,7 +252,7 @@ class Session:
             step("prune")
             start = time.perf_counter()
             res = prune(net, spec, run.budget, calib=self.calib, seq_len=self.price_len,
-                        options=plan.options[spec.name], pm=plan.pm, device=s.device, seed=s.seed,
+                        options=plan.options[spec.name], pm=plan.pm, device=self.device, seed=s.seed,
                         progress=progress, scores=scores[0] if scores else None)
             prune_time = time.perf_counter() - start
             timings = res.report["timings_s"]
@@ -270,14 +272,14 @@ class Session:
             eval_time = time.perf_counter() - start
             where[0] = "measure"
             step("latency")
-            lat = latency_record(self.dense, net, self.lat_batches, s.device, flops_kept=kept, **self.lat_kw)
+            lat = latency_record(self.dense, net, self.lat_batches, self.device, flops_kept=kept, **self.lat_kw)
             step("size")
             size, dense_bytes = saved_size(net, res.compressed), self.dense_bytes()
         except Exception as err:  # noqa: BLE001 - one failing method never stops the others
             return R.jsonable(dict(head, status="failed", failure=R.failure(err, where[0]), metrics={})), None
         finally:
             del net
-            if s.device.startswith("cuda"):
+            if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
         rec = R.jsonable(dict(
             head, metrics=ev.metrics, main_metric=ev.info.get("main_metric", self.task.main_metric),
@@ -311,7 +313,7 @@ def run_serial(session: Session, runs: list[Run], write: Callable[[dict[str, Any
 
 def compare(*, methods: str | None, model: str | None, budgets: list[float], options: dict[str, Any],
             calib_samples: int | None = None, eval_samples: int | None = None, seq_len: int | None = None,
-            data_dir: str | None = None, device: str = "cpu", seed: int = 0, results_dir: str = "runs",
+            data_dir: str | None = None, device: str = "cpu", dtype: str | None = "auto", seed: int = 0, results_dir: str = "runs",
             task: str | None = None, lmeval_include: str | None = None, squad_split: str | None = None,
             num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
             latency_batch: int | list[int] = (1, 32), latency_warmup: int = 2, latency_repeats: int = 5,
@@ -339,7 +341,8 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     sizes = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch)
     settings = Settings(methods=methods, model=model, budgets=tuple(budgets), options=tuple(sorted(options.items())),
                         calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len, data_dir=data_dir,
-                        device=device, seed=seed, task=task, lmeval_include=lmeval_include, squad_split=squad_split,
+                        device=device, dtype=dtype, seed=seed, task=task, lmeval_include=lmeval_include,
+                        squad_split=squad_split,
                         num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         latency_batch=sizes, latency_warmup=latency_warmup, latency_repeats=latency_repeats,
                         latency_min_time=latency_min_time, latency_threads=latency_threads,

@@ -136,7 +136,14 @@ class RayWork:
     def __init__(self, settings: Settings, *, address: str | None, gpus_per_run: float, cpus_per_run: float) -> None:
         self.ray = ray = import_ray()
         self.settings = settings
-        settings.plan(device="cpu")  # every input check, here, before any task (the driver may have no GPU)
+        import dataclasses
+
+        import torch
+
+        # every input check, here, before any task; the driver itself may have no GPU
+        local = settings if torch.cuda.is_available() or not settings.device.startswith("cuda") else \
+            dataclasses.replace(settings, device="cpu", dtype="auto")
+        local.plan()
         where = connect(ray, address)
         check_resources(ray, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, device=settings.device)
         self.executor = {"kind": "ray", "address": where, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run}

@@ -97,8 +97,8 @@ def device_info(device: str) -> dict[str, Any]:
 
     info: dict[str, Any] = {"type": device, "torch_threads": torch.get_num_threads(),
                             "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
-    if device == "cuda":
-        info["name"] = torch.cuda.get_device_name()
+    if str(device).startswith("cuda"):
+        info["name"] = torch.cuda.get_device_name(device)
     return info
 
 

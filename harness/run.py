@@ -23,11 +23,13 @@ class Plan:
     model: str
     config: Any
     data_dir: Path | None
-    device: str
+    device: str  # resolved: cpu, cuda:N
     seq_len: int
     calib_samples: int
     eval_samples: int | None
     needs_calibration: bool
+    dtype: Any = None  # torch dtype to load and run in (resolved from --dtype)
+    dtype_note: str = ""
 
 
 def split_methods(text: str | None, registry: Any) -> list[str]:
@@ -45,20 +47,17 @@ def split_methods(text: str | None, registry: Any) -> list[str]:
 
 
 def check_device(device: str) -> str:
-    import torch
+    """The resolved device name (cpu, cuda:N) for --device cpu|cuda|cuda:N|auto; ValueError otherwise."""
+    from tshrink.placement import resolve_device
 
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r} is not 'cpu' or 'cuda'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device (CPU build or no GPU); use --device cpu")
-    return device
+    return str(resolve_device(device))
 
 
 def make_plan(*, methods: str | None, model: str | None, task: str | None, options: dict[str, str],
               data_dir: str | None, device: str, seq_len: int | None, calib_samples: int | None,
               eval_samples: int | None, lmeval_include: str | None = None,
               squad_split: str | None = None, num_beams: int | None = None,
-              max_new_tokens: int | None = None, pm: Any = None) -> Plan:
+              max_new_tokens: int | None = None, pm: Any = None, dtype: str | None = "auto") -> Plan:
     """Resolve and check methods, options, device, data directory, model and task; read the
     task's data. Raises ValueError / FileNotFoundError with the reason; loads no model.
 
@@ -85,7 +84,11 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
     per_method = {s.name: {k: v for k, v in options.items() if k in reg.options(s)} for s in specs}
     for spec in specs:
         reg.resolve_options(spec, per_method[spec.name])  # bad values fail now
-    check_device(device)
+    from tshrink.placement import DTYPE_CHOICES, resolve_dtype
+
+    if (dtype or "auto").lower() not in DTYPE_CHOICES:  # before the device: one line for the first bad value
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    device = check_device(device)
     data = resolve_data_dir(data_dir)
     for name, value in (("--seq-len", seq_len), ("--calib-samples", calib_samples)):
         if value is not None and value < 1:
@@ -129,8 +132,11 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
     need_calib = any(n["calibration"] for n in needs)
     t.prepare(data, need_train=need_calib)
     evals = (eval_samples or None) if eval_samples is not None else overrides.get("eval_samples", t.eval_samples)
+    import torch
+
+    run_dtype, dtype_note = resolve_dtype(dtype, torch.device(device), config)
     return Plan(pm, reg, specs, per_method, t, model, config, data, device, seq,
-                calib_samples or t.calib_samples, evals, need_calib)
+                calib_samples or t.calib_samples, evals, need_calib, run_dtype, dtype_note)
 
 
 def check_architecture(specs: list[Any], registry: Any, config: Any, model: str) -> None:
@@ -181,11 +187,17 @@ def flops_or_none(model: Any, seq_len: int) -> int | None:
 
 def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, options: dict[str, Any],
                  calib_samples: int | None, seq_len: int | None, data_dir: str | None, device: str,
-                 seed: int, task: str | None = None, batch_size: int = 8, overwrite: bool = False) -> dict[str, Any]:
+                 seed: int, task: str | None = None, batch_size: int = 8, overwrite: bool = False,
+                 dtype: str | None = "auto", device_memory: str | None = None, offload: str = "auto") -> dict[str, Any]:
     """Load, calibrate on the task's data, prune, count FLOPs (fvcore), save checkpoint + ``report.json``.
 
     ``output`` is checked before anything is loaded (:func:`tshrink.outputs.check_output_dir`): it must be
-    new, empty, or (with ``overwrite``) a checkpoint the toolkit wrote."""
+    new, empty, or (with ``overwrite``) a checkpoint the toolkit wrote.
+    ``dtype``: load and run in it (``auto``: the checkpoint's); the checkpoint is saved in it.
+    ``device_memory`` (e.g. ``"8GiB"``): memory usable on the device (default: what is free);
+    when the model does not fit, its layers stay on the host and move to the device one at a
+    time (``offload``: ``auto`` | ``always`` | ``never``). Everything is checked from the
+    config before any weights are loaded."""
     from tshrink.checkpoint import MANIFEST, save_pruned
     from tshrink.models import load_model, resolve_model
     from tshrink.outputs import OutputError, check_output_dir
@@ -195,18 +207,21 @@ def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, 
 
     check_output_dir(output, markers=(MANIFEST,), overwrite=overwrite, what="--output")
     plan = make_plan(methods=method, model=model, task=task, options=options,
-                     data_dir=data_dir, device=device, seq_len=seq_len, calib_samples=calib_samples, eval_samples=None)
+                     data_dir=data_dir, device=device, seq_len=seq_len, calib_samples=calib_samples, eval_samples=None,
+                     dtype=dtype)
     spec, t = plan.specs[0], plan.task
     where = Path(resolve_model(plan.model))
     if where.is_dir() and where.resolve() == Path(output).expanduser().resolve():
         raise OutputError(f"--output {output!r} is the input model's directory; write the pruned model elsewhere")
-    net, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels)
+    placement = plan_placement_for(plan, batch_size=batch_size, device_memory=device_memory, offload=offload)
+    net, tok = load_model(plan.model, head=t.head, num_labels=t.num_labels, dtype=plan.dtype)
     calib = build_calibration(plan, tok, seed=seed, batch_size=batch_size)
     fv_before = flops_or_none(net, plan.seq_len)
     start = time.perf_counter()
     result = prune(net, spec, budget, calib=calib, seq_len=plan.seq_len, options=plan.options[spec.name],
-                   pm=plan.pm, device=device, seed=seed, progress=True)
-    report = jsonable(dict(result.report, model=plan.model, task=t.name, wall_time_s=time.perf_counter() - start))
+                   pm=plan.pm, seed=seed, progress=True, placement=placement)
+    report = jsonable(dict(result.report, model=plan.model, task=t.name, wall_time_s=time.perf_counter() - start,
+                           dtype=str(plan.dtype).replace("torch.", ""), dtype_choice=plan.dtype_note))
     report["fvcore_flops_before"] = fv_before
     report["fvcore_flops_after"] = flops_or_none(net, plan.seq_len)
     report["data_dir"] = str(plan.data_dir) if plan.data_dir else None
@@ -253,3 +268,28 @@ def analytic_kept(dense: Any, pruned: Any, seq_len: int) -> float | None:
         return cost.macs(get_adapter(pruned).widths()) / cost.macs()
     except ValueError:
         return None
+
+
+def plan_placement_for(plan: Plan, *, batch_size: int, device_memory: str | None = None,
+                       offload: str = "auto") -> Any:
+    """Where the prune of ``plan`` runs (whole model on the device, or layer offload), from the
+    model's config and the calibration size; ValueError before any weights are loaded."""
+    import torch
+
+    from tshrink.placement import PlacementError, model_shape, parse_bytes, plan_placement
+
+    try:
+        limit = parse_bytes(device_memory)
+    except PlacementError as err:
+        raise ValueError(f"--device-memory: {err}") from None
+    try:
+        shape = model_shape(plan.config, plan.dtype, head=plan.task.head)
+    except ValueError:  # no architecture adapter (transform-only recipes): the whole model on the device
+        return None
+    tokens = plan.calib_samples * plan.seq_len if plan.needs_calibration else 0
+    batch_tokens = min(batch_size, max(plan.calib_samples, 1)) * plan.seq_len
+    try:
+        return plan_placement(shape, torch.device(plan.device), plan.dtype, calib_tokens=tokens,
+                              batch_tokens=batch_tokens, limit=limit, offload=offload)
+    except PlacementError as err:
+        raise ValueError(str(err)) from None

@@ -351,7 +351,7 @@ def test_fisher_refuses_a_loss_without_targets():
 
     model = tiny_model("llama", head="causal-lm")
     calib = tiny_batches("llama", seq=1, labels="lm")
-    with pytest.raises(Exception, match="no usable targets"):
+    with pytest.raises(Exception, match="no usable targets|no next-token label"):
         prune(model, "fisher", 0.6, calib=calib, seq_len=16)
 
 

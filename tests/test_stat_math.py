@@ -354,3 +354,62 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="before any update"):
         CountSketch(4).result()
     assert np.isfinite(interpolative_decomposition(A, 0).residuals.numpy()).all()
+
+
+# -- sketch sizing and the on-device partial pivoted QR --------------------------------------
+def test_partial_pivoted_qr_matches_scipy_and_keeps_the_gram() -> None:
+    from tshrink_plugins.stat.idecomp import partial_pivoted_qr, weighted_residuals
+
+    Y = low_rank_plus_noise(40, 64, r=10, noise=1e-2, seed=3)  # a short sketch: 40 rows, 64 columns
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(1), dtype=F64)
+    k = 12
+    pivots, factor = partial_pivoted_qr(Y, k)
+    ref = interpolative_decomposition(Y, k)
+    assert pivots[:k].tolist() == ref.pivots[:k].tolist()
+    assert sorted(pivots.tolist()) == list(range(64))
+    torch.testing.assert_close(factor @ factor.T, Y.T @ Y, rtol=1e-10, atol=1e-10)
+    got = weighted_residuals(factor, W)[: k + 1]
+    want = weighted_residuals(ref.factor, W)[: k + 1]
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_sketches_are_never_above_the_exact_cost() -> None:
+    from tshrink_plugins.stat.collect import ColumnStats
+
+    n = 50
+    score = ColumnStats(n, sketch="gaussian")  # no target rank: every width is needed
+    assert score.route == "gram" and "no target rank" in score.note
+    wide = ColumnStats(n, sketch="gaussian", target_rank=30)  # 2*31+10 = 72 rows >= 50 columns
+    assert wide.route == "gram" and "exact Gram (cheaper)" in wide.note
+    short = ColumnStats(n, sketch="countsketch", target_rank=5)  # 4*6+10 = 34 rows
+    assert short.route == "countsketch(34 rows)"
+    thin = ColumnStats(n, sketch="gaussian", size=8, target_rank=10)  # fewer rows than kept columns
+    assert thin.route == "gram"
+
+
+@pytest.mark.parametrize("sketch", ["none", "gaussian"])
+def test_gram_rows_are_the_rows_of_the_gram(sketch: str) -> None:
+    from tshrink_plugins.stat.collect import ColumnStats
+
+    A = low_rank_plus_noise(300, 40, r=8, noise=1e-2, seed=5).float() + 0.3
+    st = ColumnStats(40, sketch=sketch, target_rank=6)
+    st.update(A[None], torch.ones(1, 300, dtype=torch.bool))
+    K = torch.tensor([3, 17, 5])
+    for center in (False, True):
+        G = st.gram(center)
+        rows, trace = st.gram_rows(center, K)
+        torch.testing.assert_close(rows, G[K], rtol=1e-9, atol=1e-9)
+        assert math.isclose(trace, float(G.diagonal().sum()), rel_tol=1e-9)
+
+
+def test_allocation_floors_are_kept_and_paid_first() -> None:
+    from tshrink_plugins.stat.allocate import allocate_global
+
+    steep = torch.tensor([10.0, 1.0, 0.5, 0.2, 0.1, 0.0], dtype=F64)  # 5 units, most gain in the first
+    flat = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0], dtype=F64)
+    free = allocate_global([steep, flat], [1, 1], 3)
+    assert free == [3, 0]  # without a floor the flat curve loses every unit
+    floored = allocate_global([steep, flat], [1, 1], 3, floors=[1, 2])
+    assert floored[1] >= 2 and floored[0] >= 1 and sum(floored) <= 3
+    with pytest.raises(ValueError, match="minimum widths cost"):
+        allocate_global([steep, flat], [1, 1], 3, floors=[2, 2])

@@ -12,6 +12,11 @@ global layers, each with its own mask and rotary table) get the arguments of eve
 the first pass then runs each layer as a recorder that passes its input through, so it
 costs the embeddings and the final norm only, and the stored arguments are references to
 the few tensors the backbone builds once per batch.
+
+Decoders: the backbone runs with ``use_cache=False`` and the cache keywords it hands its
+layers (``cache`` under transformers 5) are dropped, so repeated passes see no growing KV
+cache; positions come from the attention mask, so left- and right-padded batches give the
+real tokens the activations they have unpadded.
 """
 from __future__ import annotations
 
@@ -116,14 +121,76 @@ class _Stop(Exception):
     pass
 
 
+# keyword arguments of a layer call that carry the KV cache: never kept between passes
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")
+
+
+def _is_cache(value: Any) -> bool:
+    return any(c.__name__.endswith("Cache") for c in type(value).__mro__)
+
+
+def decoder_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) positions counted over real tokens only, so a left-padded sequence gets
+    the positions it has unpadded (right padding: the positions are unchanged)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def _layer_inputs(batch: Batch, causal: bool) -> dict[str, Any]:
+    """Backbone inputs of one calibration batch: decoders get ``use_cache=False`` (no KV
+    cache is created, so none can grow across passes) and mask-derived positions."""
+    inputs: dict[str, Any] = dict(model_inputs(batch))
+    if causal:
+        inputs["use_cache"] = False
+        if "attention_mask" in inputs:
+            inputs["position_ids"] = decoder_position_ids(inputs["attention_mask"])
+    return inputs
+
+
+def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` (containers, objects)."""
+    seen = _seen if _seen is not None else set()
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr() if obj.device.type != "meta" else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), nn.Module)):
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return tensor_bytes(vars(obj), seen)
+    return 0
+
+
 class LayerStream:
-    """Hidden states entering layer ``l`` for every calibration batch, one layer at a time."""
+    """Hidden states entering layer ``l`` for every calibration batch, one layer at a time.
+
+    ``device``: where layers run. ``offload``: where the hidden states are kept between
+    passes (host memory by default; the device itself when they fit there).
+    ``layer_offload``: the layers' weights live on the host; the current layer is moved to
+    ``device`` by its first :meth:`run` and back by :meth:`advance` / :meth:`release`, so
+    a method may also correct its weights on the device -- peak device memory is one layer's
+    weights plus one batch of activations (plus what the caller's statistics hold).
+    The modules outside the layers (embeddings, rotary tables) must be on ``device``.
+
+    Nothing from one pass is kept for the next but the hidden states: decoders run with
+    ``use_cache=False`` and every cache-like keyword the backbone passes its layers
+    (``cache`` / ``past_key_values`` under transformers 5) is dropped.
+    """
 
     def __init__(self, adapter: Adapter, calib: CalibrationData, *, device: torch.device | str | None = None,
-                 offload: torch.device | str = "cpu") -> None:
+                 offload: torch.device | str = "cpu", layer_offload: bool = False) -> None:
         self.adapter, self.calib = adapter, calib
         self.device = torch.device(device) if device is not None else next(adapter.model.parameters()).device
         self.offload = torch.device(offload)
+        self.layer_offload = layer_offload
+        self.host = torch.device("cpu")
         self.layer = 0
         self._batch = 0  # index of the batch being run (for capture hooks)
         self.hidden: list[torch.Tensor] = []  # per batch: (batch, seq, hidden) on offload
@@ -135,15 +202,19 @@ class LayerStream:
         per_layer = len(types) == adapter.num_layers and len(set(types)) > 1
         self._kind = [types.index(t) for t in types] if per_layer else [0] * adapter.num_layers
         layers = adapter.layers()
-        drop = ("past_key_values", "past_key_value", "use_cache", "cache")
+
+        def keep(value: Any) -> Any:  # positional/keyword tensors: kept where the hidden states are
+            return value.detach().to(self.offload) if isinstance(value, torch.Tensor) else value
 
         def record(layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if layer == 0:
-                self.hidden.append(hidden.detach().to(self.offload))
-            if self._kind[layer] == layer:  # first layer of its kind
-                self._layer_args.setdefault(layer, []).append(tuple(args[1:]))
-                self._layer_kwargs.setdefault(layer, []).append({k: v for k, v in kwargs.items() if k not in drop})
+                self.hidden.append(self._store(hidden.detach()))
+            if self._kind[layer] == layer:  # first layer of its kind; no cache is ever kept
+                self._layer_args.setdefault(layer, []).append(tuple(a for a in args[1:] if not _is_cache(a)))
+                self._layer_kwargs.setdefault(layer, []).append(
+                    {k: keep(v) if not isinstance(v, tuple) else tuple(keep(x) for x in v)
+                     for k, v in kwargs.items() if k not in _CACHE_KWARGS and not _is_cache(v)})
             return hidden
 
         def grab(module, args, kwargs):
@@ -161,7 +232,7 @@ class LayerStream:
             with torch.no_grad():
                 for batch in calib.batches:
                     try:
-                        adapter.backbone()(**model_inputs(to_device(batch, self.device)))
+                        adapter.backbone()(**_layer_inputs(to_device(batch, self.device), adapter.causal))
                     except _Stop:
                         pass
                     self.token_masks.append(batch["attention_mask"].bool())
@@ -179,22 +250,77 @@ class LayerStream:
     def __len__(self) -> int:
         return self.adapter.num_layers
 
-    def run(self, fn: Callable[[torch.Tensor, int], None] | None = None) -> list[torch.Tensor]:
+    def held_bytes(self) -> int:
+        """Bytes of the tensors the stream keeps between passes (hidden states, layer arguments)."""
+        return tensor_bytes([self.hidden, self.args, self.kwargs, self.token_masks])
+
+    def _residency(self) -> dict[str, Any]:
+        # shared by every stream over this adapter (mask tuning runs a teacher and a student)
+        return self.adapter.model.__dict__.setdefault("_tshrink_resident", {"layers": set(), "max": 0})
+
+    def _acquire(self) -> None:
+        """Layer offload: put the current layer on the device (evicting any other first)."""
+        if not self.layer_offload:
+            return
+        r = self._residency()
+        if self.layer in r["layers"]:
+            return
+        layers = self.adapter.layers()
+        for other in sorted(r["layers"]):
+            layers[other].to(self.host)
+            r["layers"].discard(other)
+        layers[self.layer].to(self.device)
+        r["layers"].add(self.layer)
+        r["max"] = max(r["max"], len(r["layers"]))
+
+    def release(self) -> None:
+        """Layer offload: move the current layer back to the host (call when done with it;
+        :meth:`advance` does)."""
+        if self.layer_offload and self.layer in self._residency()["layers"]:
+            self.adapter.layers()[self.layer].to(self.host)
+            self._residency()["layers"].discard(self.layer)
+
+    @property
+    def max_resident(self) -> int:
+        """Most layers on the device at once so far (layer offload)."""
+        return self._residency()["max"]
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` where hidden states are kept: on the host in pinned memory when the layers run
+        on a GPU (so the next pass's upload is asynchronous), else on ``offload``."""
+        if self.offload.type == "cpu" and self.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t)
+        return t.to(self.offload)
+
+    def _move(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, non_blocking=True)
+        if isinstance(value, tuple):
+            return tuple(self._move(v) for v in value)
+        return value
+
+    def run(self, fn: Callable[[torch.Tensor, int], None] | None = None, *,
+            keep: bool = False) -> list[torch.Tensor] | None:
         """Run the current layer on every batch; ``fn(output, batch_index)`` sees each output
-        (batch, seq, hidden). Returns the outputs (on ``offload``)."""
+        (batch, seq, hidden) on the device. ``keep``: also return the outputs (on ``offload``);
+        a capture-only pass (the default) copies nothing back."""
         block = self.adapter.layers()[self.layer]
         kind = self._kind[self.layer]
-        outs = []
+        outs: list[torch.Tensor] = []
+        self._acquire()
         with torch.no_grad():
             for i, (hidden, args, kwargs) in enumerate(zip(self.hidden, self._layer_args[kind],
                                                            self._layer_kwargs[kind])):
                 self._batch = i
-                out = block(hidden.to(self.device), *args, **kwargs)
+                out = block(hidden.to(self.device, non_blocking=True), *self._move(args), **{k: self._move(v) for k, v in kwargs.items()})
                 out = out[0] if isinstance(out, tuple) else out  # (batch, seq, hidden)
                 if fn is not None:
                     fn(out, i)
-                outs.append(out.detach().to(self.offload))
-        return outs
+                if keep:
+                    outs.append(self._store(out.detach()))
+                del out
+        return outs if keep else None
 
     @contextmanager
     def capture(self, module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], None], *,
@@ -205,7 +331,10 @@ class LayerStream:
         def hook(mod, args, out=None):
             x = out if output else args[0]
             x = x[0] if isinstance(x, tuple) else x
-            fn(x.detach(), self.token_masks[self._batch].to(x.device))
+            mask = self.token_masks[self._batch].to(x.device)
+            if x.dim() == 2 and x.shape[0] == mask.numel():  # OPT runs its MLP on (batch*seq, features)
+                x = x.reshape(*mask.shape, x.shape[-1])
+            fn(x.detach(), mask)
 
         handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
         try:
@@ -213,7 +342,11 @@ class LayerStream:
         finally:
             handle.remove()
 
-    def advance(self) -> None:
-        """Replace the stored hidden states by the current layer's outputs; move to the next."""
-        self.hidden = self.run()
+    def advance(self, fn: Callable[[torch.Tensor, int], None] | None = None) -> None:
+        """Replace the stored hidden states by the current layer's outputs (one pass, with
+        ``fn`` and any open captures); move to the next layer."""
+        outs = self.run(fn, keep=True)
+        assert outs is not None
+        self.hidden = outs
+        self.release()
         self.layer += 1

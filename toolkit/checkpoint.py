@@ -229,10 +229,13 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
         from transformers.initialization import no_init_weights
 
         from .arch.keys import rename_checkpoint_keys
+        from .placement import checkpoint_dtype
         from .surgery import shrink_to_widths
 
         with no_init_weights():
             model = cls(config)
+        if checkpoint_dtype(config) is not None:  # reload in the dtype it was saved in (bfloat16 stays bfloat16)
+            model.to(checkpoint_dtype(config))
         adapter = get_adapter(model)
         _check_widths(adapter, manifest["widths"], file)
         shrink_to_widths(adapter, manifest["widths"])

@@ -23,6 +23,7 @@ from .cost import CostModel, check_budget
 from . import __version__
 from .errors import StageError, stage_error
 from .progress import tracked
+from .placement import Placement, place_model
 from .registry import Registry, Source
 from .spec import MethodSpec
 from .surgery import apply_selection
@@ -45,9 +46,16 @@ class PruneContext:
     pm: pluggy.PluginManager
     progress: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    layer_offload: bool = False  # layers live on the host; streams move one at a time to ``device``
+    hidden_device: torch.device | None = None  # where streams keep hidden states (None: the host)
     #: objects a stage hands to a later stage of the same prune (e.g. a teacher mask); not recorded
     scratch: dict[str, Any] = field(default_factory=dict)
     stage: str = ""  # "kind:name" of the stage running now (set by the host)
+
+    def stream_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~tshrink.calibration.LayerStream` under this placement."""
+        return {"device": self.device, "offload": self.hidden_device or torch.device("cpu"),
+                "layer_offload": self.layer_offload}
 
     def track(self, iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterable[T]:
         """``iterable`` with a progress bar (count, rate, ETA) labelled by the running stage when
@@ -131,7 +139,8 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
           calib: CalibrationData | None = None, seq_len: int | None = None,
           options: dict[str, Any] | None = None, pm: pluggy.PluginManager | None = None,
           device: str | torch.device | None = None, seed: int = 0, progress: bool = False,
-          scores: UnitScores | None = None, copy: bool = False) -> PruneResult:
+          scores: UnitScores | None = None, copy: bool = False,
+          placement: Placement | None = None) -> PruneResult:
     """Compress ``model`` with ``method`` (a registered name or a recipe string).
 
     copy: False (the default) compresses ``model`` itself, in place: no second copy of the
@@ -145,6 +154,9 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     scores: the output of this recipe's score stage from an earlier call on an identical
         dense model with the same calibration data, seed and score options (``result.scores``);
         the score stage is then skipped. Scores do not depend on the budget (hook contract).
+    placement: where to run (:func:`tshrink.placement.plan_placement`); with layer offload
+        only the modules outside the layers go to the device and the stages stream the layers
+        one at a time. Overrides ``device``.
     """
     if copy:
         import copy as copying
@@ -172,12 +184,22 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         if recipe.prunes:
             raise
         adapter = None  # e.g. quantizing an encoder-decoder: transforms walk the modules themselves
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(dev)
+    if placement is not None:
+        dev = placement.device
+        if placement.layer_offload and (adapter is None or needs["gradients"]):
+            raise ValueError(f"method {spec.name!r} back-propagates through the whole model, which layer offload "
+                             f"cannot stream; it needs ~{placement.need_resident_bytes / 2**30:.2f} GiB on {dev} "
+                             f"({placement.available_bytes / 2**30:.2f} GiB available)")
+        place_model(model, adapter, placement)
+    else:
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        model.to(dev)
     model.eval()
     seq = seq_len or (calib.seq_len if calib is not None else 128)
     cost = CostModel(adapter, seq) if adapter is not None else None
     ctx = PruneContext(model, adapter, cost, budget, calib, dev, seed, pm, progress)
+    if placement is not None:
+        ctx.layer_offload, ctx.hidden_device = placement.layer_offload, placement.hidden_device
     torch.manual_seed(seed)
     stage = _Stages(registry, spec, ctx, opts)
     counts = (adapter.head_counts(), adapter.neuron_counts()) if adapter is not None else ([], [])
@@ -255,6 +277,7 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
         "timings_s": timings,
         "time_s": time.perf_counter() - start,
         "device": str(dev),
+        "placement": placement.describe() if placement is not None else None,
         "seed": seed,
     }
     return PruneResult(model, selection, report, compressed, scores if recipe.prunes else None)

@@ -152,7 +152,7 @@ def layer_stats(adapter: Adapter, calib: CalibrationData, *, gram: str = "none",
                 heads: bool = True, neurons: bool = True, device: torch.device | str | None = None,
                 accumulator: Callable[[str, int, int, int], Accumulator] | None = None,
                 inputs: Callable[[list[torch.Tensor], list[torch.Tensor]], Any] | None = None,
-                track: Track = untracked) -> Iterator[LayerStats]:
+                track: Track = untracked, stream_options: dict[str, Any] | None = None) -> Iterator[LayerStats]:
     """Yield :class:`LayerStats` for every layer in order (see the module docstring).
 
     gram: what :class:`UnitSums` keeps besides sums (``"none"``, ``"unit"`` blocks, ``"full"``).
@@ -164,8 +164,10 @@ def layer_stats(adapter: Adapter, calib: CalibrationData, *, gram: str = "none",
     inputs: ``inputs(hidden, token_masks)`` on the per-batch hidden states (batch, seq, hidden)
         entering the layer and their (batch, seq) masks, before it runs; result in ``.inputs``.
     track: ``ctx.track`` for a progress bar over the layers.
+    stream_options: :class:`LayerStream` keywords (``ctx.stream_options()``: layer offload, where the
+        hidden states live); default: layers on ``device``.
     """
-    stream = LayerStream(adapter, calib, device=device)
+    stream = LayerStream(adapter, calib, **(stream_options or {"device": device}))
     dev = stream.device
     make = accumulator or (lambda kind, layer, units, width: UnitSums(units, width, gram=gram, device=dev))
     n_layers = adapter.num_layers
@@ -190,6 +192,7 @@ def layer_stats(adapter: Adapter, calib: CalibrationData, *, gram: str = "none",
         if sequential and not last:
             with soft_masks(adapter, *_masks(adapter, layer, st._keep, dev)):
                 stream.advance()
+    stream.release()  # layer offload: the last layer goes back to the host
 
 
 def _masks(adapter: Adapter, layer: int, keep: dict[str, list[int] | None],

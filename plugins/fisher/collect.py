@@ -18,6 +18,13 @@ Fisher of the paper's formula, at one forward/backward per example (what decoder
 over its mini-batch, so Fisher values of different granularities differ in scale
 (rankings are what the search uses).
 
+Memory (``micro_batch``, ``chunk_tokens``): each gradient batch is run in micro-batches
+of at most ``micro_batch`` examples whose scaled losses sum to the batch's mean loss
+(:func:`tshrink.lmloss.micro_batch_losses`), the mask gradients accumulated -- exactly the
+batch's gradient, at the peak memory of one micro-batch. For causal LMs the next-token loss
+is computed by the output head on ``chunk_tokens`` positions at a time under checkpointing,
+so the full (tokens, vocab) logits never exist. Only the masks require gradients.
+
 The model is left as it was: parameters are frozen during the passes (no weight gradients
 are computed or stored) and their ``requires_grad`` flags are restored; the mask hooks are
 removed on exit.
@@ -30,7 +37,8 @@ import torch
 from torch import Tensor
 
 from tshrink.arch.base import Adapter
-from tshrink.calibration import Batch, CalibrationData, model_inputs, to_device
+from tshrink.calibration import CalibrationData, to_device
+from tshrink.lmloss import micro_batch_losses
 from tshrink.masking import soft_masks
 from tshrink.progress import Track, untracked
 
@@ -89,6 +97,8 @@ def collect_mask_grads(
     device: torch.device | str | None = None,
     grad_batch_size: int = 0,
     track: Track = untracked,
+    micro_batch: int = 0,
+    chunk_tokens: int = 1024,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per-batch gradients of the task loss w.r.t. unit masks at 1.
 
@@ -99,6 +109,11 @@ def collect_mask_grads(
     if not isinstance(grad_batch_size, int) or grad_batch_size < 0:
         raise ValueError(f"fisher_grad_batch_size must be 'auto' or an integer >= 0 (0 = the calibration "
                          f"batches as given, 1 = per example), got {grad_batch_size!r}")
+    if not isinstance(micro_batch, int) or micro_batch < 0:
+        raise ValueError(f"fisher_micro_batch must be an integer >= 0 (0 = one forward per gradient batch), "
+                         f"got {micro_batch!r}")
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"fisher_loss_chunk must be an integer >= 1 (tokens per output-head chunk), got {chunk_tokens!r}")
     model = adapter.model
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     # masks at 1, one per unit: (units_l,) and (neurons_l,)
@@ -112,24 +127,25 @@ def collect_mask_grads(
         for p in params:
             p.requires_grad_(False)
         with soft_masks(adapter, heads, neurons):
-            for index, batch in enumerate(track(calib.batches, desc="gradient batches")):
+            for index, batch in enumerate(calib.batches):
                 if "labels" not in batch:
                     raise ValueError(f"calibration batch {index} from {calib.source!r} has no 'labels': "
                                      "Fisher scores need the task loss (class ids, regression targets or "
                                      "next-token ids)")
-            for index, chunk in enumerate(regroup(calib.batches, grad_batch_size)):
-                out = model(**model_inputs(to_device(chunk, dev), labels=True))
-                loss = getattr(out, "loss", None)
-                if loss is None:
-                    raise ValueError(f"{type(model).__name__} returned no loss for gradient mini-batch "
-                                     f"{index}; give a model with a task head (classification, LM)")
-                if not torch.isfinite(loss):  # e.g. windows of one token: no next-token target at all
-                    raise ValueError(f"the task loss of gradient mini-batch {index} from {calib.source!r} is "
-                                     f"{loss.item()}: no usable targets (a causal LM needs windows of at least "
-                                     f"2 tokens); Fisher scores need a finite loss")
-                grads = torch.autograd.grad(loss, masks, allow_unused=True)
-                for row, g, m in zip(rows, grads, masks):
-                    row.append((torch.zeros_like(m) if g is None else g).detach().float().cpu())
+            for index, chunk in enumerate(track(regroup(calib.batches, grad_batch_size), desc="gradient batches")):
+                acc: list[Tensor | None] = [None] * len(masks)
+                for loss in micro_batch_losses(model, adapter, to_device(chunk, dev), micro_batch=micro_batch,
+                                               chunk_tokens=chunk_tokens):
+                    if not torch.isfinite(loss):  # e.g. windows of one token: no next-token target at all
+                        raise ValueError(f"the task loss of gradient mini-batch {index} from {calib.source!r} is "
+                                         f"{loss.item()}: no usable targets (a causal LM needs windows of at least "
+                                         f"2 tokens); Fisher scores need a finite loss")
+                    grads = torch.autograd.grad(loss, masks, allow_unused=True)
+                    del loss
+                    acc = [a if g is None else (g.detach() if a is None else a + g.detach())
+                           for a, g in zip(acc, grads)]
+                for row, g, m in zip(rows, acc, masks):
+                    row.append((torch.zeros_like(m) if g is None else g).float().cpu())
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)

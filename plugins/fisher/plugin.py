@@ -34,6 +34,10 @@ LAT_POINTS = Option("fisher_latency_points", 24, "fisher-latency: neuron counts 
 CLS_ONLY = Option("fisher_tune_cls_only", "auto", "match only the [CLS] token in the last layer's MLP tuning: "
                   "auto = yes for sequence classification on BERT-style encoders (the public code), no otherwise",
                   choices=("auto", "yes", "no"))
+MICRO_BATCH = Option("fisher_micro_batch", 4, "examples per forward/backward inside a gradient mini-batch "
+                     "(gradients accumulated: the same Fisher, peak memory of one micro-batch); 0 = whole mini-batch")
+LOSS_CHUNK = Option("fisher_loss_chunk", 1024, "causal LMs: tokens per chunk of the output head in the "
+                    "next-token loss (the full tokens x vocab logits are never formed)")
 DAMP = Option("fisher_damp", 1e-2, "mask tuning: relative damping towards scale 1 (lam = damp^2 x mean squared "
               "norm of a unit's contribution); 0 = plain least squares")
 BOUND = Option("fisher_scale_bound", 10.0, "mask tuning: a sub-layer whose scales leave [-b, b] keeps its 0/1 "
@@ -44,7 +48,7 @@ BOUND = Option("fisher_scale_bound", 10.0, "mask tuning: a sub-layer whose scale
 def tshrink_stages() -> list[StageSpec]:
     return [
         StageSpec("score", "fisher", "empirical Fisher diagonal of head/neuron masks from task-loss gradients",
-                  needs_calibration=True, needs_gradients=True, needs_labels=True, options=(GRAD_BATCH,),
+                  needs_calibration=True, needs_gradients=True, needs_labels=True, options=(GRAD_BATCH, MICRO_BATCH, LOSS_CHUNK),
                   paper=PAPER),
         StageSpec("select", "fisher-search", "best split between heads and neurons under the FLOPs budget "
                   "(global importance ranking per unit cost)", paper=PAPER),
@@ -125,9 +129,11 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     kind = published.task_kind(ctx.model, ctx.adapter.causal)
     size = grad_batch_size(options["fisher_grad_batch_size"], kind)
     head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device, grad_batch_size=size,
-                                                  track=ctx.track)
+                                                  track=ctx.track, micro_batch=options["fisher_micro_batch"],
+                                                  chunk_tokens=options["fisher_loss_chunk"])
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
-                            "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"]}
+                            "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"],
+                            "micro_batch": options["fisher_micro_batch"], "loss_chunk": options["fisher_loss_chunk"]}
     used = {"calibration_examples": ctx.calib.n_examples,
             "sampling": ctx.calib.meta.get("sampling", "without replacement"), "grad_batch_size": size}
     published.record(ctx.report, kind, used)
@@ -283,7 +289,7 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
                          f"token ({sorted(CLS_FAMILIES)}); got {type(ctx.model).__name__}: use 'auto' or 'no'")
     result = tune_masks(ctx.adapter, ctx.calib, selection, damp=float(options["fisher_damp"]),
                         bounds=(-bound, bound), device=ctx.device, teacher=teacher, cls_only=cls_only,
-                        track=ctx.track)
+                        track=ctx.track, stream_options=ctx.stream_options())
     fold_scales(ctx.adapter, selection, result.heads, result.neurons)
     n = max(len(result.stats), 1)
     ctx.report["fisher-tune"] = {

@@ -179,6 +179,7 @@ def tune_masks(
     teacher: Selection | None = None,
     cls_only: bool = False,
     track: Track = untracked,
+    stream_options: dict[str, Any] | None = None,
 ) -> TuneResult:
     """Tuned real masks for ``selection`` (see the module docstring); the model is not changed.
 
@@ -202,8 +203,9 @@ def tune_masks(
         t_masks = ([m.to(dev) for m in thm], [m.to(dev) for m in tnm])
     else:
         t_masks = (None, None)  # dense teacher: no hook at all
-    teacher = LayerStream(adapter, calib, device=dev)  # from here on, the teacher's stream
-    student = LayerStream(adapter, calib, device=dev)
+    opts = dict(stream_options or {}, device=dev)
+    teacher = LayerStream(adapter, calib, **opts)  # from here on, the teacher's stream
+    student = LayerStream(adapter, calib, **opts)
     stats: list[dict[str, Any]] = []
     for layer in track(range(adapter.num_layers), desc="layers"):
         attn, mlp = adapter.attn(layer), adapter.mlp(layer)
@@ -234,8 +236,7 @@ def tune_masks(
 
         with teacher.capture(attn.o, put("o"), output=True), teacher.capture(mlp.out, put("down"), output=True), \
                 teacher.capture(mlp.inputs[0], put("mlp_in")), soft_masks(adapter, *t_masks):
-            outs = teacher.run(teacher_batch)
-        teacher.hidden, teacher.layer = outs, teacher.layer + 1  # == teacher.advance(), without a second pass
+            teacher.advance(teacher_batch)
 
         # -- student, attention: accumulate and solve for the kept units' scales
         kept_h = torch.nonzero(heads[layer]).flatten()
@@ -275,6 +276,7 @@ def tune_masks(
         if layer + 1 < adapter.num_layers:
             with soft_masks(adapter, heads, neurons):
                 student.advance()
+    student.release()
     return TuneResult([m.cpu() for m in heads], [m.cpu() for m in neurons], stats)
 
 

@@ -45,28 +45,40 @@ def hull_gains(errors: torch.Tensor) -> torch.Tensor:
     return gains
 
 
-def allocate_global(curves: list[torch.Tensor | None], unit_macs: list[int], allowed: float) -> list[int | None]:
+def allocate_global(curves: list[torch.Tensor | None], unit_macs: list[int], allowed: float,
+                    floors: list[int] | None = None) -> list[int | None]:
     """Widths per curve maximising the total error reduction within ``allowed`` MACs.
 
     ``curves[c]`` (n_c+1,) error curve (``None``: a curve that is not pruned -- it keeps all
     its units, whose cost the caller has already taken out of ``allowed``; its width is None).
+    ``floors[c]``: units curve ``c`` keeps whatever their gain (a per-layer minimum width);
+    they are paid first, the rest of the budget goes to the greedy. ValueError when the
+    floors alone exceed ``allowed``.
     """
     if len(curves) != len(unit_macs):
         raise ValueError(f"{len(curves)} curves but {len(unit_macs)} unit costs")
+    floors = floors or [0] * len(curves)
+    if len(floors) != len(curves):
+        raise ValueError(f"{len(floors)} floors for {len(curves)} curves")
+    floors = [0 if curve is None else max(0, min(int(f), curve.numel() - 1)) for f, curve in zip(floors, curves)]
+    floor_macs = float(sum(f * m for f, m in zip(floors, unit_macs)))
+    if floor_macs > allowed + 1e-6:
+        raise ValueError(f"the minimum widths cost {floor_macs:.4g} MACs, more than the {allowed:.4g} the budget "
+                         "leaves for the pruned units; lower the width floor or raise the budget")
     prio, owner = [], []
     for c, (curve, macs) in enumerate(zip(curves, unit_macs)):
         if curve is None or curve.numel() <= 1:
             continue
         if macs <= 0:
             raise ValueError(f"unit cost of curve {c} must be a positive number of MACs, got {macs}")
-        g = hull_gains(curve)  # (n,)
+        g = hull_gains(curve)[floors[c]:]  # (n - floor,): the floor's units are kept anyway
         prio.append(g / macs)
         owner.append(torch.full((g.numel(),), c, dtype=torch.long))
-    widths: list[int | None] = [None if curve is None else 0 for curve in curves]
+    widths: list[int | None] = [None if curve is None else floors[c] for c, curve in enumerate(curves)]
     if prio:
         prio_t, owner_t = torch.cat(prio), torch.cat(owner)
         order = torch.sort(-prio_t, stable=True).indices  # ties: curve order, then pivot position
-        spent = 0.0
+        spent = floor_macs
         for c in owner_t[order].tolist():
             if spent + unit_macs[c] <= allowed + 1e-6:
                 spent += unit_macs[c]

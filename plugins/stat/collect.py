@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .sketch import CountSketch, GaussianSketch, SketchConfig
+from .sketch import CountSketch, GaussianSketch, SketchConfig, default_sketch_size
 
 SKETCHES = ("none", "gaussian", "countsketch")
 _F64 = torch.float64
@@ -39,13 +39,26 @@ class ColumnStats:
             raise ValueError(f"stat_sketch={sketch!r} is not one of {SKETCHES}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"stat_sketch_size={size!r} must be an integer >= 0 (0 = the default size)")
-        self.n, self.kind = n, sketch
+        self.n, self.kind, self.requested = n, sketch, sketch
+        self.route = "gram"  # what is actually kept: "gram" or "<kind>(<rows> rows)"
+        self.note = ""  # why a requested sketch was not used
+        if sketch != "none":
+            target = None if target_rank is None else max(1, min(int(target_rank) + 1, n + 1))
+            rows = size or default_sketch_size(n + 1, sketch, target)
+            if target_rank is None:  # scoring needs the error at every width: a sketch of rank n
+                self.kind, self.note = "none", "no target rank (scoring needs every width): exact Gram"
+            elif rows >= n:  # s x n sketch >= the n x n Gram in memory, updates and decomposition
+                self.kind, self.note = "none", f"{rows} sketch rows >= {n} columns: exact Gram (cheaper)"
+            elif rows <= target_rank:  # cannot pin down the kept columns
+                self.kind, self.note = "none", f"{rows} sketch rows <= kept width {target_rank}: exact Gram"
+            else:
+                self.route = f"{sketch}({rows} rows)"
+        sketch = self.kind
         self.count = 0  # rows used
         self.dropped = 0  # real-token rows dropped for NaN/inf
         self.sum = torch.zeros(n, dtype=_F64, device=device)  # (n,)
         self._G = torch.zeros(n, n, dtype=_F64, device=device) if sketch == "none" else None  # (n, n)
         if sketch != "none":
-            target = None if target_rank is None else max(1, min(int(target_rank) + 1, n + 1))
             cfg = SketchConfig(size=size or None, target_rank=target, seed=seed)
             cls = GaussianSketch if sketch == "gaussian" else CountSketch
             self._acc = cls(n + 1, cfg, device=device)
@@ -84,6 +97,20 @@ class ColumnStats:
             return Y.T @ Y
         G = self._G
         return G - torch.outer(self.sum, self.sum) / max(self.count, 1) if center else G.clone()
+
+    def gram_rows(self, center: bool, cols: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(G[K], trace(G))``: the kept rows (|K|, n) of the (centred) Gram and its trace,
+        without forming the n x n Gram from a sketch (``Y_K^T Y``)."""
+        K = cols.to(self.sum.device).long()
+        if self.kind != "none":
+            Y = self._sketch(center)  # (s, n)
+            return Y[:, K].T @ Y, float(Y.pow(2).sum())
+        G, c = self._G, max(self.count, 1)
+        rows, trace = G[K], float(G.diagonal().sum())
+        if center:
+            rows = rows - torch.outer(self.sum[K], self.sum) / c
+            trace -= float(self.sum.pow(2).sum()) / c
+        return rows, trace
 
     def scaled(self, center: bool, M: torch.Tensor) -> tuple[str, torch.Tensor]:
         """The scaled statistic: ``("gram", M G M)`` (n, n) or ``("sketch", Y M)`` (s, n)."""

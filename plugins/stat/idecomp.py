@@ -467,26 +467,39 @@ def least_squares_fold(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor | Se
     exact least-squares fit when ``G_KK`` is nonsingular. If the damped matrix is still not
     numerically positive definite, ``lam`` is raised tenfold (from ``n * eps`` relative)
     until the Cholesky factorisation succeeds. Computed in float64 on ``G``'s device;
-    returned in ``W``'s dtype on ``W``'s device.
+    returned in ``W``'s dtype on ``W``'s device. Only the rows ``G[K]`` and the trace are
+    read (:func:`least_squares_fold_rows` takes just those).
     """
     _check_gram(G)
-    _check_matrix("W", W)
     n = G.shape[0]
-    if W.shape[1] != n:
-        raise ValueError(f"W must be (out, {n}) to match G {tuple(G.shape)}, got {tuple(W.shape)}")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     K = _as_index("keep", keep, n, G.device)
     G64 = G.detach().to(torch.float64)
-    W64 = W.detach().to(G.device, torch.float64)
-    scale = float(G64.diagonal().sum()) / n
+    return least_squares_fold_rows(G64[K], float(G64.diagonal().sum()), W, K, damping=damping)
+
+
+def least_squares_fold_rows(GK: torch.Tensor, trace: float, W: torch.Tensor, keep: torch.Tensor | Sequence[int], *,
+                            damping: float = 1e-6) -> torch.Tensor:
+    """:func:`least_squares_fold` from the kept rows ``GK = G[K]`` (|K|, n) and ``trace(G)``:
+    what a sketch gives without forming the n x n Gram (``GK = Y_K^T Y``)."""
+    _check_matrix("W", W)
+    n = GK.shape[1]
+    if W.shape[1] != n:
+        raise ValueError(f"W must be (out, {n}) to match G's {n} columns, got {tuple(W.shape)}")
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    K = _as_index("keep", keep, n, GK.device)
+    if GK.shape[0] != K.numel():
+        raise ValueError(f"GK has {GK.shape[0]} rows for {K.numel()} kept columns")
+    G64 = GK.detach().to(torch.float64)
+    W64 = W.detach().to(GK.device, torch.float64)
+    scale = trace / n
     if K.numel() == 0 or scale <= 0:  # nothing kept, or A = 0: the zero map is optimal
         return torch.zeros(W.shape[0], K.numel(), dtype=_out_dtype(W), device=W.device)
-    GKK = G64[K][:, K]
+    GKK = G64[:, K]
     GKK = 0.5 * (GKK + GKK.T)  # (|K|, |K|)
-    rhs = G64[K] @ W64.T  # (|K|, out)
+    rhs = G64 @ W64.T  # (|K|, out)
     lam = damping * scale
-    eye = torch.eye(K.numel(), dtype=torch.float64, device=G.device)
+    eye = torch.eye(K.numel(), dtype=torch.float64, device=GK.device)
     for _ in range(40):
         chol, info = torch.linalg.cholesky_ex(GKK + lam * eye)
         if int(info) == 0:
@@ -496,3 +509,41 @@ def least_squares_fold(G: torch.Tensor, W: torch.Tensor, keep: torch.Tensor | Se
         raise ValueError("least_squares_fold: could not factor G[K, K] + lam I; is G a Gram matrix?")
     X = torch.cholesky_solve(rhs, chol)  # (|K|, out)
     return X.T.to(W.device, _out_dtype(W))
+
+
+def partial_pivoted_qr(Y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` steps of column-pivoted QR of a short sketch ``Y`` (s, n), in torch
+    on ``Y``'s device (no host round trip): ``O(k s n)``.
+
+    Returns ``(pivots, factor)``: ``pivots`` (n,) the k chosen columns then the others by
+    their residual norm; ``factor`` (n, k + s) with ``Y^T Y = factor factor^T`` exactly --
+    the k rows ``q_j^T Y`` of R, then the rows of the residual ``E = Y - Q_k Q_k^T Y`` -- so
+    :func:`weighted_residuals` gives the exact sketched fold errors for widths ``t <= k``.
+    Each step recomputes the residual column norms (no downdating, no cancellation).
+    """
+    _check_matrix("Y", Y)
+    s, n = Y.shape
+    k = max(0, min(int(k), n, s))
+    E = Y.detach().to(torch.float64).clone()  # (s, n)
+    rows = E.new_zeros(k, n)  # (k, n)
+    chosen = torch.zeros(n, dtype=torch.bool, device=Y.device)
+    order = []
+    norms = E.pow(2).sum(0)  # (n,)
+    tiny = float(norms.max()) * _EPS64 * max(s, n) if n else 0.0
+    for j in range(k):
+        p = int(torch.argmax(norms.masked_fill(chosen, -1.0)))
+        if float(norms[p]) <= tiny:
+            rows = rows[:j]
+            break
+        q = E[:, p] / norms[p].sqrt()  # (s,)
+        r = q @ E  # (n,)
+        E.sub_(torch.outer(q, r))
+        rows[j] = r
+        chosen[p] = True
+        order.append(p)
+        norms = E.pow(2).sum(0)
+    rest = (~chosen).nonzero().flatten()
+    rest = rest[torch.argsort(norms[rest], descending=True, stable=True)]
+    pivots = torch.cat([torch.as_tensor(order, dtype=torch.long, device=Y.device), rest])
+    factor = torch.cat([rows, E], 0).T  # (n, k' + s)
+    return pivots, factor.to(_out_dtype(Y))

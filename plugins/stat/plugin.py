@@ -21,12 +21,13 @@ from tshrink.spec import MethodSpec, Option, Recipe, StageSpec
 
 PAPER = "Flynn et al., Shrinking Transformers After Training (STAT), arXiv 2406.00061"
 
-SKETCH = Option("stat_sketch", "none", "activation statistics: exact Gram ('none') or a streamed row sketch "
-                "(Gaussian / CountSketch, then pivoted QR of the sketch). Default 'none': at encoder and 1B widths the "
-                "exact Gram is affordable and loses nothing; sketches are for widths where it is not",
+SKETCH = Option("stat_sketch", "none", "activation statistics at the correct stage: exact Gram ('none') or a "
+                "streamed row sketch (Gaussian / CountSketch, then pivoted QR of the sketch on the device); used "
+                "only where it is cheaper than the Gram (rows < columns), never when scoring. Default 'none': at "
+                "encoder and 1B widths the exact Gram is affordable and loses nothing",
                 ("none", "gaussian", "countsketch"))
-SKETCH_SIZE = Option("stat_sketch_size", 0, "rows of the sketch; 0 = 2r+10 (Gaussian) or 4r+10 (CountSketch) "
-                     "for target rank r (the kept width when correcting, all columns when scoring)")
+SKETCH_SIZE = Option("stat_sketch_size", 0, "rows of the sketch; 0 = 2k+10 (Gaussian) or 4k+10 (CountSketch) "
+                     "for the kept width k; at least the number of columns means the exact Gram")
 CENTER = Option("stat_center", True, "when the output projection has a bias: decompose centred activations "
                 "and fold the removed units' mean output into the bias. Default on: the bias then absorbs the "
                 "removed units' mean contribution for free, and the decomposition is not spent on the mean direction")
@@ -41,6 +42,9 @@ ALLOCATION = Option("stat_allocation", "global", "widths: greedy error reduction
 PRUNE_HEADS = Option("stat_prune_heads", True, "prune attention units too (False: MLP neurons only, unless "
                      "the budget cannot be met without heads). Default on: the budget is shared by both kinds "
                      "and the allocation decides where the error is cheapest")
+MIN_WIDTH = Option("stat_min_width", 0.0, "global allocation: every layer keeps at least this fraction of its "
+                   "attention units and of its MLP neurons (rounded down; 0 = no floor). Guards against "
+                   "near-empty layers, e.g. 5 of 256 neurons kept at 35 % FLOPs on a tiny Llama")
 SEQUENTIAL = Option("stat_sequential", "layer", "statistics of each layer from the already pruned model: "
                     "'layer' (2 passes per layer), 'sublayer' (the MLP also sees its layer's pruned "
                     "attention; up to 3 passes), 'none' (all from the dense model, 1 pass). Default 'layer': each "
@@ -61,7 +65,7 @@ def tshrink_stages() -> list[StageSpec]:
                   "(dense model, layer by layer); score = convexified error reduction of the unit",
                   needs_calibration=True, options=(SKETCH, SKETCH_SIZE, CENTER, ERROR_NORM), paper=PAPER),
         StageSpec("select", "stat-allocate", "per-layer head/neuron widths from the STAT error curves under "
-                  "the FLOPs budget", options=(ALLOCATION, PRUNE_HEADS), paper=PAPER),
+                  "the FLOPs budget", options=(ALLOCATION, PRUNE_HEADS, MIN_WIDTH), paper=PAPER),
         StageSpec("correct", "stat", "sequential ID re-selection at the chosen widths with least-squares "
                   "folds into the down and output projections", needs_calibration=True,
                   options=(SKETCH, SKETCH_SIZE, CENTER, SEQUENTIAL, REPICK, DAMPING), paper=PAPER),
@@ -88,7 +92,8 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     from .prune import StatConfig, stat_scores
 
     return stat_scores(ctx.adapter, ctx.calib, StatConfig.from_options(options, ctx.seed), device=ctx.device,
-                       report=ctx.report.setdefault("stat:score", {}), track=ctx.track)
+                       report=ctx.report.setdefault("stat:score", {}), track=ctx.track,
+                       stream_options=ctx.stream_options())
 
 
 @hookimpl
@@ -98,7 +103,8 @@ def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) ->
     from .prune import stat_allocate
 
     return stat_allocate(scores, ctx.cost, ctx.budget, allocation=options["stat_allocation"],
-                         prune_heads=options["stat_prune_heads"], report=ctx.report.setdefault("stat:select", {}))
+                         prune_heads=options["stat_prune_heads"], min_width=options["stat_min_width"],
+                         report=ctx.report.setdefault("stat:select", {}))
 
 
 @hookimpl
@@ -108,4 +114,5 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
     from .prune import StatConfig, stat_correct
 
     return stat_correct(ctx.adapter, ctx.calib, selection, StatConfig.from_options(options, ctx.seed),
-                        device=ctx.device, report=ctx.report.setdefault("stat:correct", {}), track=ctx.track)
+                        device=ctx.device, report=ctx.report.setdefault("stat:correct", {}), track=ctx.track,
+                        stream_options=ctx.stream_options())

@@ -40,10 +40,14 @@ device, and the ID by pivoted Cholesky (LAPACK ``dpstrf`` on the CPU, a blocked 
 on a GPU) -- the same pivots and ``R`` as pivoted QR in exact arithmetic (torch has no
 pivoted QR), at the price of a squared condition number, irrelevant for the leading pivots
 that pruning keeps. With ``stat_sketch="gaussian"|"countsketch"`` a row sketch
-``Y = S A`` (s x n) is streamed instead (CountSketch: O(n) per token instead of O(n^2));
-when ``s < n`` (correcting to a small width) the neuron ID is the pivoted QR of ``Y``
-(scipy, float64, on the CPU: ``Y`` is small), otherwise the pivoted Cholesky of ``Y^T Y``;
-the head selection and the folds use ``Y^T Y``.
+``Y = S A`` (s x n) is streamed instead (CountSketch: O(n) per token instead of O(n^2)),
+sized by what it is for and never above the exact path's cost: only the correct stage
+sketches (it knows the kept width k; s = 2k+10 Gaussian, 4k+10 CountSketch rows), and
+only when s < n -- otherwise, and always at the score stage (which needs the error at
+every width, i.e. rank n), the exact Gram is kept and the report says why. The neuron ID
+of a short sketch is k steps of column-pivoted QR in torch on the statistics' device
+(:func:`.idecomp.partial_pivoted_qr`, O(k s n)); the folds read only the kept rows
+``Y_K^T Y`` (no n x n matrix); the head selection uses ``Y^T Y`` (n = hidden size).
 
 Robustness. Token rows with NaN/inf are dropped (and reported); a layer whose statistics
 are empty or non-finite keeps the incoming selection without any weight change, with a
@@ -51,6 +55,7 @@ warning in the report. No module is resized here: the host removes units afterwa
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -69,8 +74,8 @@ from tshrink.units import Selection, UnitScores
 
 from .allocate import allocate_global, allocate_uniform, hull_gains
 from .collect import SKETCHES, ColumnStats, stream_energy
-from .idecomp import (block_columns, id_from_gram, interpolative_decomposition, least_squares_fold,
-                      select_blocks, weighted_residuals)
+from .idecomp import (block_columns, id_from_gram, least_squares_fold_rows, partial_pivoted_qr, select_blocks,
+                      weighted_residuals)
 
 ERROR_NORMS = ("stream", "none")
 SEQUENTIAL = ("sublayer", "layer", "none")
@@ -168,10 +173,10 @@ def neuron_decomposition(stats: ColumnStats, W: torch.Tensor, center: bool,
     M, Mp = unit_scaling(W, 1)
     M, Mp = M.to(stats.sum.device), Mp.to(stats.sum.device)
     kind, mat = stats.scaled(center, M)
-    if kind == "sketch" and mat.shape[0] < mat.shape[1]:  # a short sketch: pivoted QR of it (scipy, CPU)
-        d = interpolative_decomposition(mat, k)
-    else:  # the Gram (exact, or of a sketch at least as tall as wide): pivoted Cholesky
-        d = id_from_gram(mat if kind == "gram" else mat.T @ mat, k)
+    if kind == "sketch" and k > 0 and mat.shape[0] < mat.shape[1]:  # a short sketch: k pivoted-QR steps, on its device
+        pivots, factor = partial_pivoted_qr(mat, k)
+        return pivots, weighted_residuals(factor, block_apply(W, Mp))
+    d = id_from_gram(mat if kind == "gram" else mat.T @ mat, k)  # the Gram: pivoted Cholesky
     return d.pivots, weighted_residuals(d.factor.to(mat.device), block_apply(W, Mp))
 
 
@@ -191,12 +196,13 @@ def fold_into(linear: nn.Linear, stats: ColumnStats, cols: torch.Tensor, center:
     """Replace ``linear``'s columns ``cols`` by the least-squares fold (and its bias by the
     centred fit's intercept). Returns a reason instead of writing if the result is not finite."""
     center = center and linear.bias is not None
-    G = stats.gram(center)
-    if not bool(torch.isfinite(G).all()):
+    cols = cols.to(stats.sum.device).long()
+    GK, trace = stats.gram_rows(center, cols)  # (|K|, n): no n x n Gram is formed from a sketch
+    if not bool(torch.isfinite(GK).all()) or not math.isfinite(trace):
         return "activation statistics are not finite"
     W = linear.weight
-    cols = cols.to(G.device).long()
-    Wk = least_squares_fold(G, W, cols, damping=damping)  # (out, |K|)
+    G = GK
+    Wk = least_squares_fold_rows(GK, trace, W, cols, damping=damping)  # (out, |K|)
     bias = None
     if center:
         mu = stats.mean  # (n,)
@@ -248,7 +254,8 @@ def _dropped(warn: Callable[[str], None], layer: int, what: str, stats: ColumnSt
 
 # -- score ---------------------------------------------------------------------------------
 def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, device: torch.device,
-                report: dict[str, Any] | None = None, track: Track = untracked) -> UnitScores:
+                report: dict[str, Any] | None = None, track: Track = untracked,
+                stream_options: dict[str, Any] | None = None) -> UnitScores:
     """Error curves of every layer on the dense model and the unit scores derived from them.
 
     A unit's score is its hull gain (:func:`.allocate.hull_gains`) at its pivot position:
@@ -264,7 +271,8 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
     accumulate = lambda kind, layer, units, width: cfg.stats(  # noqa: E731
         units * width, device, seed=2 * layer + (kind == "neurons"))
     energy_of = stream_energy if cfg.error_norm == "stream" else None
-    for st in layer_stats(adapter, calib, device=device, accumulator=accumulate, inputs=energy_of, track=track):
+    for st in layer_stats(adapter, calib, device=device, accumulator=accumulate, inputs=energy_of, track=track,
+                          stream_options=stream_options):
         layer, a, m = st.layer, st.attn, st.mlp
         energy = st.inputs if energy_of is not None and st.inputs > 0 else 1.0
         for kind, stats, n in (("heads", st.heads, a.units), ("neurons", st.neurons, m.neurons)):
@@ -288,16 +296,24 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             out[kind].append({"order": order.cpu(), "errors": curve})
             scores[kind].append(s.float())
     report["error_norm"] = cfg.error_norm
-    report["route"] = "gram+pivoted-cholesky" if cfg.sketch == "none" else f"{cfg.sketch}-sketch+pivoted-qr"
+    report["route"] = "gram+pivoted-cholesky"
+    if cfg.sketch != "none":
+        report["sketch_note"] = (f"stat_sketch={cfg.sketch!r} is used at the correct stage only: scoring needs the "
+                                 "error at every width, for which a sketch costs more than the exact Gram")
     return UnitScores(scores["heads"], scores["neurons"], extra={"stat": out})
 
 
 # -- select --------------------------------------------------------------------------------
 def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocation: str = "global",
-                  prune_heads: bool = True, report: dict[str, Any] | None = None) -> Selection:
+                  prune_heads: bool = True, min_width: float = 0.0,
+                  report: dict[str, Any] | None = None) -> Selection:
     """Widths per layer and kind from the error curves of ``stat_scores``; each layer keeps
     the prefix of its pivot order. ``prune_heads=False`` keeps every attention unit unless
-    the budget cannot be met that way (then heads are allocated too, with a warning)."""
+    the budget cannot be met that way (then heads are allocated too, with a warning).
+    ``min_width`` (global allocation): every layer keeps at least ``floor(min_width * n)`` of
+    its n attention units and of its n MLP neurons."""
+    if not (isinstance(min_width, (int, float)) and 0.0 <= min_width <= 1.0):
+        raise ValueError(f"stat_min_width={min_width!r} must be a fraction in [0, 1]")
     report = report if report is not None else {}
     if allocation not in ("global", "uniform"):
         raise ValueError(f"stat_allocation={allocation!r} is not one of ('global', 'uniform')")
@@ -325,7 +341,8 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
             sizes.append(None if curve is None else curve["order"].numel())
             unit_macs.append(macs)
     if allocation == "global":
-        widths = allocate_global(curves, unit_macs, allowed)
+        floors = [0 if n is None else int(min_width * n) for n in sizes]
+        widths = allocate_global(curves, unit_macs, allowed, floors)
     else:
         widths = allocate_uniform(sizes, unit_macs, allowed)
     sel_heads, sel_neurons = [], []
@@ -343,7 +360,7 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
 # -- correct -------------------------------------------------------------------------------
 def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection, cfg: StatConfig, *,
                  device: torch.device, report: dict[str, Any] | None = None,
-                 track: Track = untracked) -> Selection:
+                 track: Track = untracked, stream_options: dict[str, Any] | None = None) -> Selection:
     """Layer by layer: re-decompose at the selection's widths (``cfg.repick``; otherwise keep
     its indices), fold the least-squares correction into the output projections, and run
     the pruned layer so the next one calibrates on pruned inputs (``cfg.sequential``:
@@ -354,7 +371,7 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
     report = report if report is not None else {}
     warnings: list[str] = report.setdefault("warnings", [])
     layers_report: list[dict[str, Any]] = report.setdefault("layers", [])
-    stream = LayerStream(adapter, calib, device=device)
+    stream = LayerStream(adapter, calib, **(stream_options or {"device": device}))
     L = adapter.num_layers
     new_heads = [list(h) for h in selection.heads]
     new_neurons = [list(n) for n in selection.neurons]
@@ -367,6 +384,9 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
         att = cfg.stats(a.o.in_features, device, target_rank=kh * bs, seed=2 * layer) if do_att else None
         mlp = cfg.stats(m.neurons, device, target_rank=kn, seed=2 * layer + 1) if do_mlp else None
         info: dict[str, Any] = {"layer": layer, "heads": kh, "neurons": kn}
+        for what, st in (("attn", att), ("mlp", mlp)):
+            if st is not None:
+                info[f"{what}_route"] = st.route + (f" ({st.note})" if st.note else "")
         if cfg.sequential == "none":  # statistics of the dense model: one pass per layer
             _pass(stream, [(a.o, att), (m.out, mlp)], advance=not last)
         elif do_att or do_mlp:
@@ -385,6 +405,7 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
                                  new_neurons[layer] if do_mlp else None)
             _pass(stream, [], advance=True, masks=masks)
         layers_report.append(info)
+    stream.release()
     return Selection(new_heads, new_neurons)
 
 
