@@ -61,8 +61,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks.registry import get_task, task_names
 
     rows = [get_task(n).row() for n in task_names()]
-    rows.append({"task": "lmeval:<name>", "kind": "lmeval", "model": "causal", "head": "causal-lm",
-                 "metrics": "the task's", "main": "acc / acc_norm", "data": "lm-eval YAMLs (--lmeval-include DIR)"})
+    rows.append({"task": "lmeval:<name>[,<name>...]", "kind": "lmeval", "model": "causal", "head": "causal-lm",
+                 "metrics": "<task>/<metric>, mean_acc", "main": "mean_acc",
+                 "data": "<data>/lm-eval/<task>/<split>.jsonl, else the hub; own YAMLs: --lmeval-include DIR"})
     print(json.dumps(rows, indent=2) if args.json else tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 

@@ -79,6 +79,7 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     headers = ["method", "dense"] + [f"{b:g}" for b in budgets] + ["eval split"]
     lines += [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
               f"Cells: `{main}` at each kept-FLOPs budget. {R.FLOPS_NOTE}.", ""]
+    lines += _paper_table(recs)
     metrics = sorted({k for r in recs for k in r["metrics"]})
     detail = []
     for r in recs:
@@ -101,6 +102,39 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     if plot:
         lines += [f"![{task['name']} Pareto plot]({plot})", ""]
     return "\n".join(lines)
+
+
+def _paper_table(recs: list[dict[str, Any]]) -> list[str]:
+    """For suites whose records name their columns (lm-eval zero-shot): the table of the
+    LLM-pruning papers, one row per run, each task's column in the metric the papers report,
+    their mean, parameters and KV-cache bytes per token. Nothing for other tasks."""
+    from tabulate import tabulate
+
+    columns = next((r["evaluation"].get("columns") for r in recs if r.get("evaluation", {}).get("columns")), None)
+    if not columns:
+        return []
+    acc = [c for c in columns if not c["metric"].endswith("/perplexity")]
+    ppl = [c for c in columns if c["metric"].endswith("/perplexity")]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    rows = []
+    for r in recs:
+        m, ev = r["metrics"], r.get("evaluation", {})
+        kv = ev.get("kv_cache_bytes_per_token")
+        rows.append([r["method"], "dense" if r["method"] == "dense" else f"{r['budget']:g}", _num(r["flops"].get("kept")),
+                     f"{r['params'] / 1e6:.1f}M", "-" if kv is None else f"{kv / 1024:.1f}"]
+                    + [pct(m.get(c["metric"])) for c in acc] + [pct(m.get("mean_acc"))]
+                    + [_num(m.get(c["metric"])) for c in ppl])
+    headers = (["method", "budget", "FLOPs kept", "params", "KV KiB/token"] + [c["column"] for c in acc] + ["mean"]
+               + [c["column"] for c in ppl])
+    ev = recs[0].get("evaluation", {})
+    docs = ev.get("documents") or {}
+    limit = ev.get("limit")
+    scope = (f"first {limit} documents per task (" + ", ".join(f"{k} {v}" for k, v in docs.items()) + ")"
+             if limit else "every document of each task's evaluation split")
+    names = ", ".join(f"{c['column']} = `{c['metric']}`" for c in columns)
+    return [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
+            f"Zero-shot accuracy in % ({names}); mean = mean of the accuracy columns (acc_norm where the task "
+            f"defines it, else acc). Evaluated on the {scope}.", ""]
 
 
 def pareto_png(recs: list[dict[str, Any]]) -> bytes:

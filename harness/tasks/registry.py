@@ -4,7 +4,8 @@ A task is an object with a fixed interface (:class:`Task`); the harness never br
 a task's name. Names: every GLUE task (``sst2``, ``mrpc``, ``stsb``, ``rte``, ``cola``,
 ``qqp``, ``mnli``, ``mnli_mismatched``, ``qnli``, ``wnli``; spellings like ``SST-2`` work),
 ``squad`` (v1.1) and ``squad_v2``, ``wikitext2`` (perplexity, SparseGPT protocol),
-``lmeval:<lm-eval task>``, and the offline built-ins ``pydocs`` (perplexity on the Python
+``lmeval:<lm-eval task>[,<task>...]`` and ``zeroshot`` (lm-eval's PIQA, ARC-e, WinoGrande, BoolQ,
+LAMBADA with local data), and the offline built-ins ``pydocs`` (perplexity on the Python
 documentation, the default for decoders), ``pydocs-embedding`` (agreement of an
 encoder's mean-pooled embeddings with the dense model's, the default for encoders) and
 ``translation`` (corpus BLEU of an encoder-decoder such as Marian on local parallel text,
