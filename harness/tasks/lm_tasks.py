@@ -26,8 +26,18 @@ def _lm_calibration(tokenizer: Any, ids: Any, *, source: str, batch_size: int) -
     return CalibrationData(batches, source=source, meta={"kind": "lm", "windows": int(ids.shape[0])})
 
 
+PROTOCOLS = {
+    "standard": "SparseGPT / Wanda / SliceGPT: the whole test split joined with '\\n\\n', tokenized once, "
+                "non-overlapping windows of seq_len (2048 unless --seq-len), mean NLL over all windows' predicted "
+                "tokens; ppl = exp(mean NLL)",
+    "quick": "quick variant: the same windows, but short (256 tokens) and only the first 16 (not comparable "
+             "with published numbers)",
+    "pydocs": "non-overlapping windows, each predicts its last seq_len-1 tokens; ppl = exp(mean NLL)",
+}
+
+
 def _perplexity(model: Any, tokenizer: Any, text: str, *, split: str, device: str, limit: int | None,
-                seq_len: int, batch_size: int) -> EvalResult:
+                seq_len: int, batch_size: int, protocol: str = "pydocs") -> EvalResult:
     from .wikitext import perplexity
 
     res = perplexity(model, tokenizer, text, seq_len=seq_len, max_windows=limit, batch_size=batch_size,
@@ -35,7 +45,10 @@ def _perplexity(model: Any, tokenizer: Any, text: str, *, split: str, device: st
     full = res.n_windows == res.n_text_tokens // seq_len
     info = {"split": split, "seq_len": res.seq_len, "stride": res.stride, "windows": res.n_windows,
             "predicted_tokens": res.n_tokens, "text_tokens": res.n_text_tokens, "whole_split": full,
-            "protocol": "non-overlapping windows, each predicts its last seq_len-1 tokens; ppl = exp(mean NLL)"}
+            "protocol": protocol, "protocol_description": PROTOCOLS[protocol],
+            "kv_cache_bytes_per_token": _kv_bytes_per_token(model)}
+    if protocol == "standard" and not full:
+        info["deviation"] = f"only the first {res.n_windows} of {res.n_text_tokens // seq_len} windows (--eval-samples)"
     return EvalResult({"perplexity": res.ppl, "nll": res.nll}, info)
 
 
@@ -59,13 +72,16 @@ class PyDocsTask(Task):
     def evaluate(self, model: Any, tokenizer: Any, *, device: str, limit: int | None, seq_len: int,
                  batch_size: int) -> EvalResult:
         return _perplexity(model, tokenizer, self._eval, split="python-docs:evaluation", device=device,
-                           limit=limit, seq_len=seq_len, batch_size=batch_size)
+                           limit=limit, seq_len=seq_len, batch_size=batch_size, protocol="pydocs")
 
 
 @dataclass
 class WikiText2Task(Task):
-    """WikiText-2 raw test perplexity (SparseGPT/Wanda protocol); calibration on random
-    windows of the word-level validation file (disjoint from the test text)."""
+    """WikiText-2 raw test perplexity; calibration on random windows of the word-level
+    validation file (disjoint from the test text). ``protocol``: "standard" (the papers':
+    2048-token windows over the whole test split) or "quick" (16 windows of 256 tokens)."""
+
+    protocol: str = "standard"
 
     FILES = {"evaluation": ["wikitext-2-raw/wiki.test.raw"], "calibration": ["wikitext-2-tokens/wiki.valid.tokens"]}
 
@@ -105,7 +121,7 @@ class WikiText2Task(Task):
     def evaluate(self, model: Any, tokenizer: Any, *, device: str, limit: int | None, seq_len: int,
                  batch_size: int) -> EvalResult:
         return _perplexity(model, tokenizer, self._eval, split="wikitext-2-raw-v1:test", device=device,
-                           limit=limit, seq_len=seq_len, batch_size=batch_size)
+                           limit=limit, seq_len=seq_len, batch_size=batch_size, protocol=self.protocol)
 
 
 def _hub_wikitext_valid() -> str:
@@ -342,10 +358,17 @@ class EmbeddingTask(Task):
 register(PyDocsTask("pydocs", "perplexity", "causal", "causal-lm", ("perplexity", "nll"), "perplexity",
                     higher_is_better=False, description="perplexity on held-out Python documentation (offline)",
                     seq_len=256, calib_samples=32, eval_samples=16, labelled_calibration=True))
+_WIKI_LAYOUT = "<data>/wikitext-2-raw/wiki.test.raw + <data>/wikitext-2-tokens/wiki.valid.tokens"
 register(WikiText2Task("wikitext2", "perplexity", "causal", "causal-lm", ("perplexity", "nll"), "perplexity",
-                       higher_is_better=False, description="WikiText-2 raw test perplexity (SparseGPT/Wanda protocol)",
-                       seq_len=1024, calib_samples=32, labelled_calibration=True, aliases=("wikitext", "wikitext-2"),
-                       data_layout="<data>/wikitext-2-raw/wiki.test.raw + <data>/wikitext-2-tokens/wiki.valid.tokens"))
+                       higher_is_better=False, description="WikiText-2 raw test perplexity, standard protocol "
+                       "(SparseGPT/Wanda/SliceGPT: whole test split, 2048-token windows)",
+                       seq_len=2048, calib_samples=32, labelled_calibration=True, aliases=("wikitext", "wikitext-2"),
+                       data_layout=_WIKI_LAYOUT, protocol="standard"))
+register(WikiText2Task("wikitext2-quick", "perplexity", "causal", "causal-lm", ("perplexity", "nll"), "perplexity",
+                       higher_is_better=False, description="WikiText-2 perplexity, quick variant: first 16 windows "
+                       "of 256 tokens (minutes on a CPU; not comparable with papers)",
+                       seq_len=256, calib_samples=32, eval_samples=16, labelled_calibration=True,
+                       data_layout=_WIKI_LAYOUT, protocol="quick"))
 register(EmbeddingTask("pydocs-embedding", "embedding", "encoder", "base", ("embedding_cosine",), "embedding_cosine",
                        description="agreement of mean-pooled embeddings with the dense model (offline, no head)",
                        seq_len=128, calib_samples=256, eval_samples=256))

@@ -3,7 +3,8 @@
 A task is an object with a fixed interface (:class:`Task`); the harness never branches on
 a task's name. Names: every GLUE task (``sst2``, ``mrpc``, ``stsb``, ``rte``, ``cola``,
 ``qqp``, ``mnli``, ``mnli_mismatched``, ``qnli``, ``wnli``; spellings like ``SST-2`` work),
-``squad`` (v1.1) and ``squad_v2``, ``wikitext2`` (perplexity, SparseGPT protocol),
+``squad`` (v1.1) and ``squad_v2``, ``wikitext2`` (perplexity, the papers' standard protocol) and
+``wikitext2-quick`` (its short-window variant),
 ``lmeval:<lm-eval task>[,<task>...]`` and ``zeroshot`` (lm-eval's PIQA, ARC-e, WinoGrande, BoolQ,
 LAMBADA with local data), and the offline built-ins ``pydocs`` (perplexity on the Python
 documentation, the default for decoders), ``pydocs-embedding`` (agreement of an
@@ -176,7 +177,7 @@ def get_task(name: str, **options: Any) -> Task:
 
 def default_task(model_kind: str, data_dir: Path | None) -> str:
     """The task when none is given: built-in text (offline, minutes on 2 CPU cores); for
-    decoders WikiText-2 when the data directory holds it (as the README says); for
+    decoders WikiText-2's quick variant when the data directory holds it; for
     encoder-decoders translation (which needs local parallel text)."""
     _load_builtin()
     if model_kind == "encoder":
@@ -185,7 +186,7 @@ def default_task(model_kind: str, data_dir: Path | None) -> str:
         return "translation"
     from .lm_tasks import WikiText2Task
 
-    return "wikitext2" if data_dir is not None and WikiText2Task.present(data_dir) else "pydocs"
+    return "wikitext2-quick" if data_dir is not None and WikiText2Task.present(data_dir) else "pydocs"
 
 
 def _normalise(name: str) -> str:
