@@ -73,8 +73,11 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
     try:
         adapter = get_adapter(model)
         widths, family = adapter.widths(), adapter.family
+        from .surgery import output_bias_flags
+
+        biases = output_bias_flags(adapter)  # corrections may add biases the config has no slot for
     except ValueError:  # not prunable here (e.g. a quantized encoder-decoder): full shapes
-        widths, family = None, None
+        widths, family, biases = None, None, None
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -85,6 +88,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
             "architecture": type(model).__name__,
             "family": family,
             "widths": widths,
+            "output_biases": biases,
             "transforms": [],
             **(info or {}),
         }
@@ -149,11 +153,12 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
     else:
         from transformers.initialization import no_init_weights
 
-        from .surgery import shrink_to_widths
+        from .surgery import restore_output_biases, shrink_to_widths
 
         with no_init_weights():
             model = cls(config)
         shrink_to_widths(get_adapter(model), manifest["widths"])
+        restore_output_biases(get_adapter(model), manifest.get("output_biases"))
         state = _state_dict(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         model.tie_weights()
