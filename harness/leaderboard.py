@@ -131,6 +131,10 @@ def _paper_table(recs: list[dict[str, Any]]) -> list[str]:
     limit = ev.get("limit")
     scope = (f"first {limit} documents per task (" + ", ".join(f"{k} {v}" for k, v in docs.items()) + ")"
              if limit else "every document of each task's evaluation split")
+    for name, part in (ev.get("parts") or {}).items():  # a '+' suite: say how its perplexity was measured
+        if "windows" in part:
+            scope += (f"; {name}: protocol '{part.get('protocol')}', {part['windows']} windows of {part['seq_len']} "
+                      f"tokens ({'the whole test split' if part.get('whole_split') else 'not the whole test split'})")
     names = ", ".join(f"{c['column']} = `{c['metric']}`" for c in columns)
     return [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
             f"Zero-shot accuracy in % ({names}); mean = mean of the accuracy columns (acc_norm where the task "

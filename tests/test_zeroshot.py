@@ -125,3 +125,29 @@ def test_compare_records_per_task_columns_and_caps_eval_samples(tmp_path, capsys
         assert rec["settings"]["eval_samples"] == 3
     board = (results / "LEADERBOARD.md").read_text()
     assert "| PIQA" in board and "ARC-e" in board and "mean" in board
+
+
+def test_perplexity_plus_zeroshot_suite_from_one_prune(tmp_path, capsys, monkeypatch):
+    """--task wikitext2+lmeval:piqa,arc_easy: one prune per run, both evaluations in one record
+    and in the papers' table (accuracy columns, their mean, WikiText-2 perplexity)."""
+    from test_wikitext import _wiki_dir
+    from tshrink_harness.cli import main
+
+    monkeypatch.delenv("TSHRINK_DATA_DIR", raising=False)
+    data = _data_dir(_wiki_dir(tmp_path / "data"))
+    results = tmp_path / "results"
+    argv = ["compare", "--model", str(tiny_llama_dir(tmp_path)), "--task", "wikitext2+lmeval:piqa,arc_easy",
+            "--data-dir", str(data), "--methods", "flap", "--flops", "0.6", "--seq-len", "32", "--calib-samples", "4",
+            "--results", str(results), "--latency-warmup", "0", "--latency-repeats", "1"]
+    assert main(argv) == 0
+    recs = [json.loads(f.read_text()) for f in sorted((results / "runs").rglob("*.json"))]
+    assert len(recs) == 2
+    for rec in recs:
+        m = rec["metrics"]
+        assert {"wikitext2/perplexity", "wikitext2/nll", "piqa/acc", "arc_easy/acc_norm", "mean_acc"} <= set(m)
+        assert rec["main_metric"] == "mean_acc" and rec["task"]["name"] == "wikitext2+lmeval:piqa,arc_easy"
+        assert rec["evaluation"]["parts"]["wikitext2"]["protocol"] == "standard"
+        assert rec["calibration"] is None or rec["calibration"]["source"].startswith("wikitext-2:valid")
+    board = (results / "LEADERBOARD.md").read_text()
+    assert "| WikiText-2 ppl" in board.replace("|  ", "| ") or "WikiText-2 ppl" in board
+    assert "protocol 'standard'" in board
