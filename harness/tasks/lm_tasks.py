@@ -216,16 +216,27 @@ class LmEvalTask(Task):
                      "calibration": self._calib_source, "data_hash": data_hash(hashes)}
 
     def _count_docs(self, manager: Any) -> dict[str, int | None]:
-        """Evaluation documents per task (local copies and include YAMLs are read now, so a
-        broken file fails before any model is loaded; hub tasks are counted when evaluated)."""
-        out: dict[str, int | None] = {}
-        specs = [s for s in self._specs if isinstance(s, dict)]
-        if specs:
-            from lm_eval.tasks import get_task_dict
+        """Evaluation documents per task. Every task is built now (local copies read, hub data
+        downloaded and cached), so a missing or broken dataset fails before any model is loaded."""
+        from lm_eval.tasks import get_task_dict
 
-            built = get_task_dict(specs, manager)
-            for name, task in built.items():
-                out[getattr(task, "task_name", None) or str(name)] = len(list(task.eval_docs))
+        from . import lmeval
+
+        out: dict[str, int | None] = {}
+        for name, spec in zip(self.lm_tasks, self._specs):
+            try:
+                built = get_task_dict([spec], manager)
+            except Exception as err:  # noqa: BLE001 - hub offline, bad local file: say what to do
+                if isinstance(spec, dict):
+                    raise ValueError(f"task {self.name!r}: lm-eval cannot read the local copy of {name!r} "
+                                     f"({type(err).__name__}: {str(err)[:200]})") from None
+                where = "" if self.include and name not in manager.all_tasks else (
+                    f"; offline, put its evaluation split at <data dir>/{lmeval.LOCAL_DIR}/{name}/"
+                    f"{lmeval.eval_split(lmeval.task_config(manager, name))}.jsonl and pass --data-dir")
+                raise FileNotFoundError(f"task {self.name!r}: lm-eval could not load {name!r} "
+                                        f"({type(err).__name__}: {str(err)[:200]}){where}") from None
+            for task in built.values():
+                out[name] = len(list(task.eval_docs))
         return {n: out.get(n) for n in self.lm_tasks}
 
     def calibration(self, tokenizer: Any, *, samples: int, seq_len: int, seed: int, batch_size: int) -> Any:
