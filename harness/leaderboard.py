@@ -141,15 +141,24 @@ def _paper_table(recs: list[dict[str, Any]]) -> list[str]:
             f"defines it, else acc). Evaluated on the {scope}.", ""]
 
 
-def pareto_png(recs: list[dict[str, Any]]) -> bytes:
-    """Main metric vs FLOPs kept, one line per method, the dense model as a star (PNG bytes)."""
+def suite_perplexities(recs: list[dict[str, Any]]) -> list[str]:
+    """Perplexity metrics of the perplexity tasks in a '+' suite (e.g. ``wikitext2/perplexity``),
+    which get a Pareto plot of their own next to the main metric's."""
+    parts = next((r["evaluation"].get("parts") for r in recs if r.get("evaluation", {}).get("parts")), None) or {}
+    return [f"{name}/perplexity" for name, info in sorted(parts.items()) if "windows" in info]
+
+
+def pareto_png(recs: list[dict[str, Any]], metric: str | None = None) -> bytes:
+    """Main metric (or ``metric``, a perplexity: lower is better) vs FLOPs kept, one line per
+    method, the dense model as a star (PNG bytes)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     recs = _sorted(recs)
-    main = _metric_name(recs)
+    main = metric or _metric_name(recs)
+    higher = recs[0]["task"].get("higher_is_better", True) if metric is None else False
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -165,10 +174,10 @@ def pareto_png(recs: list[dict[str, Any]]) -> bytes:
         if r["method"] == "dense" and r["metrics"].get(main) is not None:
             ax.axhline(r["metrics"][main], color="black", linestyle=":", linewidth=1)
             ax.plot([1.0], [r["metrics"][main]], marker="*", markersize=12, color="black", linestyle="", label="dense")
-    if not recs[0]["task"].get("higher_is_better", True):
+    if not higher:
         ax.set_yscale("log")
     ax.set_xlabel("FLOPs kept (fvcore, fraction of dense)")
-    ax.set_ylabel(f"{main} ({'higher' if recs[0]['task'].get('higher_is_better', True) else 'lower'} is better)")
+    ax.set_ylabel(f"{main} ({'higher' if higher else 'lower'} is better)")
     ax.set_title(f"{recs[0]['task']['name']} · {R.model_tag(recs[0]['model']['spec'])}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -205,6 +214,11 @@ def build(results: str | Path) -> Path:
         _write_atomic(results / plot, pareto_png(groups[slug]))
         written.add(results / plot)
         parts.append(render_group(groups[slug], plot=plot))
+        for metric in suite_perplexities(groups[slug]):  # a '+' suite: its perplexity gets a plot too
+            extra = f"{PLOTS}/{slug}-{R.slug(metric.split('/')[0])}-ppl.png"
+            _write_atomic(results / extra, pareto_png(groups[slug], metric))
+            written.add(results / extra)
+            parts.append(f"![{metric} Pareto plot]({extra})\n")
     if not groups:
         parts += ["(no records yet: run `harness compare`)", ""]
     for stale in sorted((results / PLOTS).glob("*.png")) if (results / PLOTS).is_dir() else []:

@@ -151,3 +151,5 @@ def test_perplexity_plus_zeroshot_suite_from_one_prune(tmp_path, capsys, monkeyp
     board = (results / "LEADERBOARD.md").read_text()
     assert "| WikiText-2 ppl" in board.replace("|  ", "| ") or "WikiText-2 ppl" in board
     assert "protocol 'standard'" in board
+    plots = sorted(f.name for f in (results / "plots").glob("*.png"))
+    assert len(plots) == 2 and plots[0].endswith("-wikitext2-ppl.png")  # mean accuracy and perplexity vs FLOPs
