@@ -130,14 +130,15 @@ def test_wanda_sp_scores_match_the_formula():
 def test_llm_pruner_taylor_importance_matches_the_formula(taylor):
     model, calib = _setup()
     dense = tiny_model("llama", head="causal-lm")
-    grads, acc = {}, {}
+    grads, acc = {}, {}  # the reference code: per-example backward passes; mean gradient, mean squared gradient
     for b in calib.batches:
-        dense.zero_grad()
-        dense(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.backward()
-        for name, p in dense.named_parameters():
-            if p.grad is not None:
-                grads[name] = grads.get(name, 0) + p.grad.double()
-                acc[name] = acc.get(name, 0) + p.grad.double() ** 2
+        for r in range(b["input_ids"].shape[0]):
+            dense.zero_grad()
+            dense(input_ids=b["input_ids"][r:r + 1], labels=b["labels"][r:r + 1]).loss.backward()
+            for name, p in dense.named_parameters():
+                if p.grad is not None:
+                    grads[name] = grads.get(name, 0) + p.grad.double() / 6
+                    acc[name] = acc.get(name, 0) + p.grad.double() ** 2 / 6
     res = prune(model, "llm-pruner", 0.9, calib=calib, options={"llm_pruner_taylor": taylor,
                                                                 "llm_pruner_skip_first": 1, "llm_pruner_skip_last": 1})
 

@@ -66,7 +66,7 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
             heads.append(s["o"].new_zeros(0).float())
         inputs = [s[n] for n in sorted(s) if n.startswith("in")]
         neurons.append(neuron_importance(inputs, s["down"]).float())
-    ctx.report["llm-pruner"] = {"taylor": mode, "grad_batches": len(ctx.calib.batches), "tuning": "none",
+    ctx.report["llm-pruner"] = {"taylor": mode, "grad_examples": ctx.calib.n_examples, "tuning": "none",
                                 "deviations": ["budget: kept FLOPs (reference code: pruning ratio per layer)",
                                                "calibration: the harness's, shared by all methods"]}
     return UnitScores(heads, neurons)
