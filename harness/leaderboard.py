@@ -135,10 +135,11 @@ def _paper_table(recs: list[dict[str, Any]]) -> list[str]:
         if "windows" in part:
             scope += (f"; {name}: protocol '{part.get('protocol')}', {part['windows']} windows of {part['seq_len']} "
                       f"tokens ({'the whole test split' if part.get('whole_split') else 'not the whole test split'})")
-    names = ", ".join(f"{c['column']} = `{c['metric']}`" for c in columns)
+    names = ", ".join(f"{c['column']} = `{c['metric']}`" for c in acc)
+    ppl_names = "; perplexities: " + ", ".join(f"{c['column']} = `{c['metric']}`" for c in ppl) if ppl else ""
     return [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
             f"Zero-shot accuracy in % ({names}); mean = mean of the accuracy columns (acc_norm where the task "
-            f"defines it, else acc). Evaluated on the {scope}.", ""]
+            f"defines it, else acc){ppl_names}. Evaluated on the {scope}.", ""]
 
 
 def suite_perplexities(recs: list[dict[str, Any]]) -> list[str]:
