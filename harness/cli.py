@@ -104,8 +104,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from .tasks.registry import get_task, task_names
 
     rows = [get_task(n).row() for n in task_names()]
-    rows.append({"task": "lmeval:<name>", "kind": "lmeval", "model": "causal", "head": "causal-lm",
-                 "metrics": "the task's", "main": "acc / acc_norm", "data": "lm-eval YAMLs (--lmeval-include DIR)"})
+    rows.append({"task": "lmeval:<name>[,<name>...]", "kind": "lmeval", "model": "causal", "head": "causal-lm",
+                 "metrics": "<task>/<metric>, mean_acc", "main": "mean_acc",
+                 "data": "<data>/lm-eval/<task>/<split>.jsonl, else the hub; own YAMLs: --lmeval-include DIR"})
+    rows.append({"task": "<task>+<task>", "kind": "suite", "model": "the tasks'", "head": "the tasks'",
+                 "metrics": "<task>/<metric>", "main": "the last task's",
+                 "data": "the tasks' (e.g. wikitext2+zeroshot: one prune, both evaluations)"})
     print(json.dumps(rows, indent=2) if args.json else tabulate(rows, headers="keys", tablefmt="github"))
     return 0
 

@@ -109,6 +109,7 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     headers = ["method", "dense"] + [f"{b:g}" for b in budgets] + ["eval split"]
     lines += [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
               f"Cells: `{main}` at each kept-FLOPs budget. {R.FLOPS_NOTE}.", ""]
+    lines += _paper_table(recs)
     metrics = sorted({k for r in recs for k in r["metrics"]})
     ran = [r for r in recs if not R.failed(r)]  # failure records have no figures
     priced = sorted({r["flops"]["priced_seq_len"] for r in ran if r["flops"].get("priced_seq_len") not in
@@ -161,15 +162,66 @@ def _cell(rec: dict[str, Any], metric: str) -> str:
     return f"failed ({rec['failure']['stage']})" if R.failed(rec) else _num(rec["metrics"].get(metric))
 
 
-def pareto_png(recs: list[dict[str, Any]]) -> bytes:
-    """Main metric vs FLOPs kept, one line per method, the dense model as a star (PNG bytes)."""
+def _paper_table(recs: list[dict[str, Any]]) -> list[str]:
+    """For suites whose records name their columns (lm-eval zero-shot): the table of the
+    LLM-pruning papers, one row per run, each task's column in the metric the papers report,
+    their mean, parameters and KV-cache bytes per token. Nothing for other tasks."""
+    from tabulate import tabulate
+
+    columns = next((r["evaluation"].get("columns") for r in recs if (r.get("evaluation") or {}).get("columns")), None)
+    if not columns:
+        return []
+    acc = [c for c in columns if not c["metric"].endswith("/perplexity")]
+    ppl = [c for c in columns if c["metric"].endswith("/perplexity")]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    rows = []
+    for r in recs:
+        if R.failed(r):
+            rows.append([r["method"], f"{r['budget']:g}", f"failed ({r['failure']['stage']})"]
+                        + ["-"] * (3 + len(acc) + len(ppl)))
+            continue
+        m, ev = r["metrics"], r.get("evaluation", {})
+        kv = ev.get("kv_cache_bytes_per_token")
+        rows.append([r["method"], "dense" if r["method"] == "dense" else f"{r['budget']:g}", _num(r["flops"].get("kept")),
+                     f"{r['params'] / 1e6:.1f}M", "-" if kv is None else f"{kv / 1024:.1f}"]
+                    + [pct(m.get(c["metric"])) for c in acc] + [pct(m.get("mean_acc"))]
+                    + [_num(m.get(c["metric"])) for c in ppl])
+    headers = (["method", "budget", "FLOPs kept", "params", "KV KiB/token"] + [c["column"] for c in acc] + ["mean"]
+               + [c["column"] for c in ppl])
+    ev = recs[0].get("evaluation", {})
+    docs = ev.get("documents") or {}
+    limit = ev.get("limit")
+    scope = (f"first {limit} documents per task (" + ", ".join(f"{k} {v}" for k, v in docs.items()) + ")"
+             if limit else "every document of each task's evaluation split")
+    for name, part in (ev.get("parts") or {}).items():  # a '+' suite: say how its perplexity was measured
+        if "windows" in part:
+            scope += (f"; {name}: protocol '{part.get('protocol')}', {part['windows']} windows of {part['seq_len']} "
+                      f"tokens ({'the whole test split' if part.get('whole_split') else 'not the whole test split'})")
+    names = ", ".join(f"{c['column']} = `{c['metric']}`" for c in acc)
+    ppl_names = "; perplexities: " + ", ".join(f"{c['column']} = `{c['metric']}`" for c in ppl) if ppl else ""
+    return [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
+            f"Zero-shot accuracy in % ({names}); mean = mean of the accuracy columns (acc_norm where the task "
+            f"defines it, else acc){ppl_names}. Evaluated on the {scope}.", ""]
+
+
+def suite_perplexities(recs: list[dict[str, Any]]) -> list[str]:
+    """Perplexity metrics of the perplexity tasks in a '+' suite (e.g. ``wikitext2/perplexity``),
+    which get a Pareto plot of their own next to the main metric's."""
+    parts = next((r["evaluation"].get("parts") for r in recs if r.get("evaluation", {}).get("parts")), None) or {}
+    return [f"{name}/perplexity" for name, info in sorted(parts.items()) if "windows" in info]
+
+
+def pareto_png(recs: list[dict[str, Any]], metric: str | None = None) -> bytes:
+    """Main metric (or ``metric``, a perplexity: lower is better) vs FLOPs kept, one line per
+    method, the dense model as a star (PNG bytes)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     recs = _sorted(recs)
-    main = _metric_name(recs)
+    main = metric or _metric_name(recs)
+    higher = recs[0]["task"].get("higher_is_better", True) if metric is None else False
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -185,10 +237,10 @@ def pareto_png(recs: list[dict[str, Any]]) -> bytes:
         if r["method"] == "dense" and r["metrics"].get(main) is not None:
             ax.axhline(r["metrics"][main], color="black", linestyle=":", linewidth=1)
             ax.plot([1.0], [r["metrics"][main]], marker="*", markersize=12, color="black", linestyle="", label="dense")
-    if not recs[0]["task"].get("higher_is_better", True):
+    if not higher:
         ax.set_yscale("log")
     ax.set_xlabel("FLOPs kept (fvcore, fraction of dense)")
-    ax.set_ylabel(f"{main} ({'higher' if recs[0]['task'].get('higher_is_better', True) else 'lower'} is better)")
+    ax.set_ylabel(f"{main} ({'higher' if higher else 'lower'} is better)")
     ax.set_title(f"{recs[0]['task']['name']} · {R.model_tag(recs[0]['model']['spec'])}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -226,6 +278,11 @@ def build(results: str | Path) -> Path:
         write_bytes_atomic(results / plot, pareto_png(groups[slug]))
         written.append(f"{slug}.png")
         parts.append(render_group(groups[slug], plot=plot))
+        for metric in suite_perplexities(groups[slug]):  # a '+' suite: its perplexity gets a plot too
+            extra = f"{PLOTS}/{slug}-{R.slug(metric.split('/')[0])}-ppl.png"
+            _write_atomic(results / extra, pareto_png(groups[slug], metric))
+            written.add(results / extra)
+            parts.append(f"![{metric} Pareto plot]({extra})\n")
     if not groups:
         parts += ["(no records yet: run `harness compare`)", ""]
     for stale in sorted(before - set(written)):

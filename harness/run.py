@@ -109,11 +109,8 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
     except OSError as err:
         raise FileNotFoundError(f"cannot read the config of model {model!r}: {err}") from None
     kind = config_kind(config)
-    overrides: dict[str, Any] = {}
     if task is None:
         task = default_task(kind or "causal", data)
-        if task == "wikitext2":  # the README's quick default on WikiText-2: same size as on Python docs
-            overrides = {"seq_len": 256, "eval_samples": 16}
     t = get_task(task, **task_opts)
     t.check_model(config, model)
     check_architecture(specs, reg, config, model)
@@ -122,16 +119,18 @@ def make_plan(*, methods: str | None, model: str | None, task: str | None, optio
     if labelled and not t.labelled_calibration:
         raise ValueError(f"method(s) {labelled} need labelled calibration data, which task {t.name!r} does not "
                          f"provide; use a task with a training split (e.g. --task sst2, --task pydocs)")
-    seq = seq_len or overrides.get("seq_len") or t.seq_len
+    seq = seq_len or t.seq_len
     if t.model_kind == "causal" and seq < 2:
         raise ValueError(f"--seq-len {seq} leaves no next-token target in a window (each window of a causal LM "
                          f"predicts its last seq_len - 1 tokens); give at least 2")
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and seq > max_pos:
-        raise ValueError(f"--seq-len {seq} exceeds model {model!r}'s max_position_embeddings={max_pos}")
+        given = "--seq-len" if seq_len else f"task {t.name!r}'s default sequence length"
+        raise ValueError(f"{given} {seq} is longer than model {model!r}'s context: its max_position_embeddings is "
+                         f"{max_pos}; pass --seq-len {max_pos} or less")
     need_calib = any(n["calibration"] for n in needs)
     t.prepare(data, need_train=need_calib)
-    evals = (eval_samples or None) if eval_samples is not None else overrides.get("eval_samples", t.eval_samples)
+    evals = (eval_samples or None) if eval_samples is not None else t.eval_samples
     import torch
 
     run_dtype, dtype_note = resolve_dtype(dtype, torch.device(device), config)

@@ -139,5 +139,6 @@ def test_compare_lmeval_local_task(tmp_path, capsys, monkeypatch):
     recs = [json.loads(f.read_text()) for f in _records(results)]
     assert len(recs) == 2
     for rec in recs:
-        assert rec["main_metric"] == "acc,none" and 0 <= rec["metrics"]["acc,none"] <= 1
-        assert rec["evaluation"]["documents"] == 4 and rec["task"]["include"] == str(tasks)
+        assert rec["main_metric"] == "mean_acc" and 0 <= rec["metrics"]["tshrink_tiny_mc/acc"] <= 1
+        assert rec["metrics"]["mean_acc"] == rec["metrics"]["tshrink_tiny_mc/acc"]
+        assert rec["evaluation"]["documents"] == {"tshrink_tiny_mc": 4} and rec["task"]["include"] == str(tasks)

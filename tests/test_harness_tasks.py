@@ -152,4 +152,4 @@ def test_real_data_tasks_prepare(data_dir):
     assert wiki.info["files"]["evaluation"] == "wikitext-2-raw/wiki.test.raw"
     from tshrink_harness.tasks.registry import default_task
 
-    assert default_task("causal", data_dir) == "wikitext2" and default_task("causal", None) == "pydocs"
+    assert default_task("causal", data_dir) == "wikitext2-quick" and default_task("causal", None) == "pydocs"

@@ -97,3 +97,51 @@ def test_real_wikitext_files(tok, data_dir):
     assert res.n_windows == 2 and math.isfinite(res.ppl) and res.ppl > 1
     calib = wikitext.calibration_text(data_dir, max_chars=5000)
     assert len(calib) == 5000 and "<unk>" in calib
+
+
+def _wiki_dir(root):
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    (root / "wikitext-2-tokens").mkdir()
+    lines = [" = Title = ", " " + SYNTH, " ", " " + SYNTH[::-1]] * 4
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(lines) + "\n")
+    (root / "wikitext-2-tokens" / "wiki.valid.tokens").write_text(" " + SYNTH + "\n")
+    return root
+
+
+def test_standard_protocol_covers_the_whole_joined_test_split_once(tmp_path, tok):
+    """wikitext2 = the papers' protocol: every full window of the once-tokenized "\\n\\n"-joined
+    test rows, mean NLL over all of them; the record names the protocol."""
+    from tshrink_harness.tasks.registry import get_task
+
+    data = _wiki_dir(tmp_path)
+    task = get_task("wikitext2")
+    assert (task.seq_len, task.eval_samples, task.protocol) == (2048, None, "standard")
+    task.prepare(data, need_train=False)
+    model = _tiny_llama(len(tok))
+    ev = task.evaluate(model, tok, device="cpu", limit=None, seq_len=32, batch_size=4)
+    text = "\n\n".join(wikitext.hf_rows_from_lines((data / "wikitext-2-raw" / "wiki.test.raw").read_text()))
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // 32
+    with torch.no_grad():
+        losses = [model(input_ids=ids[w * 32:(w + 1) * 32][None], labels=ids[w * 32:(w + 1) * 32][None]).loss.item()
+                  for w in range(n)]
+    assert ev.metrics["nll"] == pytest.approx(sum(losses) / n, rel=1e-5)
+    assert ev.info["windows"] == n and ev.info["whole_split"] and ev.info["protocol"] == "standard"
+    assert "deviation" not in ev.info
+    part = task.evaluate(model, tok, device="cpu", limit=2, seq_len=32, batch_size=4)
+    assert part.info["deviation"].startswith(f"only the first 2 of {n} windows")
+    quick = get_task("wikitext2-quick")
+    assert (quick.seq_len, quick.eval_samples, quick.protocol) == (256, 16, "quick")
+
+
+def test_context_shorter_than_seq_len_is_refused_with_its_maximum(tmp_path, capsys, monkeypatch):
+    from _harness_fixtures import forbid_model_loading, run_cli, tiny_llama_dir
+
+    forbid_model_loading(monkeypatch)
+    data = _wiki_dir(tmp_path / "data")
+    base = ["compare", "--model", str(tiny_llama_dir(tmp_path)), "--task", "wikitext2", "--data-dir", str(data),
+            "--methods", "magnitude", "--results", str(tmp_path / "r")]
+    rc, err = run_cli(base, capsys)  # default 2048 > the tiny model's 64 positions
+    assert rc == 2 and "task 'wikitext2''s default sequence length 2048" in err and "max_position_embeddings is 64" in err
+    rc, err = run_cli(base + ["--seq-len", "65"], capsys)
+    assert rc == 2 and "--seq-len 65 is longer than" in err and "pass --seq-len 64 or less" in err

@@ -46,8 +46,11 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
     try:
         adapter = get_adapter(model)
         widths, family = adapter.widths(), adapter.family
+        from .surgery import output_bias_flags
+
+        biases = output_bias_flags(adapter)  # corrections may add biases the config has no slot for
     except ValueError:  # not prunable here (e.g. a quantized encoder-decoder): full shapes
-        widths, family = None, None
+        widths, family, biases = None, None, None
     with atomic_dir(path, markers=(MANIFEST,), overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -58,6 +61,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
             "architecture": type(model).__name__,
             "family": family,
             "widths": widths,
+            "output_biases": biases,
             "transforms": [],
             **(info or {}),
         }
@@ -122,16 +126,18 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
             raise ValueError(f"{file}: field {key!r} is missing")
     widths = manifest["widths"]
     if widths is not None:
-        if not isinstance(widths, dict) or set(widths) != {"heads", "neurons"}:
-            raise ValueError(f"{file}: 'widths' must be null or {{\"heads\": [...], \"neurons\": [...]}}, got {widths!r:.80}")
-        for kind in ("heads", "neurons"):
+        if not isinstance(widths, dict) or not {"heads", "neurons"} <= set(widths) <= {"heads", "neurons", "group"}:
+            raise ValueError(f"{file}: 'widths' must be null or {{\"heads\": [...], \"neurons\": [...]}} (and "
+                             f"optionally \"group\": [...]), got {widths!r:.80}")
+        for kind in [k for k in ("heads", "neurons", "group") if k in widths]:
             values = widths[kind]
             if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                        for v in values):
                 raise ValueError(f"{file}: 'widths.{kind}' must be a list of non-negative integers, got {values!r:.80}")
-        if len(widths["heads"]) != len(widths["neurons"]):
-            raise ValueError(f"{file}: 'widths' has {len(widths['heads'])} head counts but "
-                             f"{len(widths['neurons'])} neuron counts (one per layer each)")
+        for kind in [k for k in ("neurons", "group") if k in widths]:
+            if len(widths["heads"]) != len(widths[kind]):
+                raise ValueError(f"{file}: 'widths' has {len(widths['heads'])} head counts but "
+                                 f"{len(widths[kind])} {kind} counts (one per layer each)")
     transforms = manifest["transforms"]
     if not isinstance(transforms, list) or not all(isinstance(t, dict) and isinstance(t.get("stage"), str)
                                                    for t in transforms):
@@ -230,7 +236,7 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
 
         from .arch.keys import rename_checkpoint_keys
         from .placement import checkpoint_dtype
-        from .surgery import shrink_to_widths
+        from .surgery import restore_output_biases, shrink_to_widths
 
         with no_init_weights():
             model = cls(config)
@@ -239,6 +245,7 @@ def load_pruned(path: str | os.PathLike, *, pm: Any = None) -> nn.Module:
         adapter = get_adapter(model)
         _check_widths(adapter, manifest["widths"], file)
         shrink_to_widths(adapter, manifest["widths"])
+        restore_output_biases(adapter, manifest.get("output_biases"))
         state = rename_checkpoint_keys(model, _state_dict(path))
         _shape_mismatches(model, state, manifest["widths"], file)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -205,3 +205,44 @@ def _masks(adapter: Adapter, layer: int, keep: dict[str, list[int] | None],
             masks[layer] = torch.zeros(units, device=device)
             masks[layer][torch.as_tensor(keep[key], dtype=torch.long, device=device)] = 1.0
     return hm, nm
+
+
+# -- per-channel views (Wanda-sp, FLAP) -------------------------------------------------------
+@dataclass
+class ChannelStats:
+    """One projection's input statistics per channel (column): what Wanda-sp and FLAP read."""
+
+    sum: torch.Tensor  # (channels,) float64: sum of x_j over real tokens
+    sumsq: torch.Tensor  # (channels,) float64: sum of x_j^2 over real tokens
+    tokens: int = 0
+    sequences: int = 0  # calibration sequences seen (Wanda's reference code divides by it)
+
+    @classmethod
+    def of(cls, acc: UnitSums | None, channels: int, sequences: int) -> "ChannelStats":
+        """The per-channel view of a :class:`UnitSums` (zeros for a projection without units)."""
+        if acc is None:
+            return cls(torch.zeros(channels, dtype=_F64), torch.zeros(channels, dtype=_F64), 0, sequences)
+        return cls(acc.sum.reshape(-1).cpu(), acc.sq_sum.reshape(-1).cpu(), acc.count, sequences)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """(channels,) mean over tokens."""
+        return self.sum / max(self.tokens, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """(channels,) population variance over tokens (clamped at 0 against rounding)."""
+        return (self.sumsq / max(self.tokens, 1) - self.mean.square()).clamp_min(0)
+
+
+def output_input_stats(adapter: Adapter, calib: CalibrationData, *, device: torch.device | str | None = None,
+                       track: Track = untracked, stream_options: dict[str, Any] | None = None,
+                       ) -> tuple[list[ChannelStats], list[ChannelStats]]:
+    """(attention, mlp): per layer the per-channel statistics of the inputs of the attention
+    output projection (units*group*head_dim channels) and of the down projection (neurons), on
+    the model as it is (dense statistics), through :func:`layer_stats`."""
+    attn, mlp = [], []
+    for st in layer_stats(adapter, calib, device=device, track=track, stream_options=stream_options):
+        attn.append(ChannelStats.of(st.heads, st.attn.o.in_features, calib.n_examples))
+        mlp.append(ChannelStats.of(st.neurons, st.mlp.out.in_features, calib.n_examples))
+    return attn, mlp

@@ -1,4 +1,4 @@
-"""Physical removal of attention units and MLP neurons.
+"""Physical removal of attention units and MLP neurons, and biases added to output projections.
 
 transformers 5 has no ``prune_heads``; this module does the surgery itself: it slices the
 Linear weights (rows of Q/K/V and up/gate, columns of the output projection and down) and
@@ -9,6 +9,12 @@ Fused projections (Phi-3's ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX's interleav
 one module: the kept rows of all views of a module are gathered and the module is sliced
 once, so its layout (blocks, interleaving) is kept. GPT-2's ``Conv1D`` (weights stored
 ``(in, out)``) is sliced along the matching axes.
+
+Correction stages may add a bias to a layer's attention output projection or MLP down
+projection even where the architecture has none (Llama): :func:`add_output_bias`. The
+checkpoint records which of them carry a bias (:func:`output_bias_flags`) and
+:func:`restore_output_biases` gives a freshly built model the same bias slots before its
+weights are read.
 """
 from __future__ import annotations
 
@@ -177,3 +183,44 @@ def shrink_to_widths(adapter: Adapter, widths: dict[str, list[int]]) -> None:
         dense = adapter.group_sizes()
         query = [[u * g0 + j for u in h for j in range(g)] for h, g, g0 in zip(heads, widths["group"], dense)]
     apply_selection(adapter, Selection(heads, [list(range(n)) for n in widths["neurons"]], query))
+
+
+def add_output_bias(adapter: Adapter, layer: int, kind: str, delta: torch.Tensor) -> None:
+    """Add ``delta`` (hidden,) to the bias of layer ``layer``'s attention output projection
+    (``kind="attn"``) or MLP down projection (``kind="mlp"``), creating the bias if the
+    Linear has none."""
+    linear = _output_linear(adapter, layer, kind)
+    delta = delta.detach().reshape(-1)
+    if delta.shape != (linear.out_features,):
+        raise ValueError(f"bias for layer {layer} {kind}: shape {tuple(delta.shape)}, expected ({linear.out_features},)")
+    with torch.no_grad():
+        if linear.bias is None:
+            linear.bias = nn.Parameter(delta.to(linear.weight).clone(), requires_grad=linear.weight.requires_grad)
+        else:
+            linear.bias.add_(delta.to(linear.bias))
+
+
+def output_bias_flags(adapter: Adapter) -> dict[str, list[bool]]:
+    """Per layer, whether the attention output projection / MLP down projection has a bias."""
+    return {kind: [_output_linear(adapter, layer, kind).bias is not None for layer in range(adapter.num_layers)]
+            for kind in ("attn", "mlp")}
+
+
+def restore_output_biases(adapter: Adapter, flags: dict[str, list[bool]] | None) -> None:
+    """Give every output projection that ``flags`` marks a (zero) bias slot it lacks, so a
+    checkpoint whose correction added biases loads into a freshly built model."""
+    for kind, per_layer in (flags or {}).items():
+        if len(per_layer) != adapter.num_layers:
+            raise ValueError(f"output-bias flags for {len(per_layer)} layers, the model has {adapter.num_layers}")
+        for layer, flag in enumerate(per_layer):
+            linear = _output_linear(adapter, layer, kind)
+            if flag and linear.bias is None:
+                add_output_bias(adapter, layer, kind, torch.zeros(linear.out_features))
+
+
+def _output_linear(adapter: Adapter, layer: int, kind: str) -> nn.Linear:
+    if kind == "attn":
+        return adapter.attn(layer).o
+    if kind == "mlp":
+        return adapter.mlp(layer).out
+    raise ValueError(f"kind {kind!r} is not 'attn' or 'mlp'")

@@ -3,8 +3,10 @@
 A task is an object with a fixed interface (:class:`Task`); the harness never branches on
 a task's name. Names: every GLUE task (``sst2``, ``mrpc``, ``stsb``, ``rte``, ``cola``,
 ``qqp``, ``mnli``, ``mnli_mismatched``, ``qnli``, ``wnli``; spellings like ``SST-2`` work),
-``squad`` (v1.1) and ``squad_v2``, ``wikitext2`` (perplexity, SparseGPT protocol),
-``lmeval:<lm-eval task>``, and the offline built-ins ``pydocs`` (perplexity on the Python
+``squad`` (v1.1) and ``squad_v2``, ``wikitext2`` (perplexity, the papers' standard protocol) and
+``wikitext2-quick`` (its short-window variant),
+``lmeval:<lm-eval task>[,<task>...]`` and ``zeroshot`` (lm-eval's PIQA, ARC-e, WinoGrande, BoolQ,
+LAMBADA with local data), and the offline built-ins ``pydocs`` (perplexity on the Python
 documentation, the default for decoders), ``pydocs-embedding`` (agreement of an
 encoder's mean-pooled embeddings with the dense model's, the default for encoders) and
 ``translation`` (corpus BLEU of an encoder-decoder such as Marian on local parallel text,
@@ -129,6 +131,68 @@ class Task:
                 "metrics": ", ".join(self.metrics), "main": self.main_metric, "data": self.data_layout}
 
 
+@dataclass
+class SuiteTask(Task):
+    """Several tasks evaluated on the same pruned model (``--task wikitext2+zeroshot``: the
+    papers' table of perplexity and zero-shot accuracy from one prune). Calibration, sequence
+    length and default evaluation limit come from the first task; metrics of a task are named
+    ``<task>/<metric>`` unless they already carry a task prefix (lm-eval's ``piqa/acc``); the
+    main metric is the last task's."""
+
+    parts: tuple[Task, ...] = ()
+
+    @classmethod
+    def of(cls, parts: list[Task]) -> "SuiteTask":
+        kinds = {p.model_kind for p in parts}
+        if len(kinds) > 1 or len({p.head for p in parts}) > 1:
+            raise ValueError(f"tasks {[p.name for p in parts]} need different models ({sorted(kinds)}); "
+                             "a '+' suite needs tasks for the same model head")
+        first, last = parts[0], parts[-1]
+        metrics = tuple(m if "/" in m else f"{first.name}/{m}" for m in first.metrics) + tuple(last.metrics)
+        main = last.main_metric if "/" in last.main_metric or last.main_metric == "mean_acc" else f"{last.name}/{last.main_metric}"
+        return cls("+".join(p.name for p in parts), "suite", first.model_kind, first.head, metrics, main,
+                   higher_is_better=last.higher_is_better, description=" + ".join(p.description for p in parts),
+                   seq_len=first.seq_len, calib_samples=first.calib_samples, eval_samples=first.eval_samples,
+                   labelled_calibration=first.labelled_calibration, num_labels=first.num_labels,
+                   data_layout="; ".join(p.data_layout for p in parts), parts=tuple(parts))
+
+    def check_model(self, config: Any, spec: str) -> None:
+        for p in self.parts:
+            p.check_model(config, spec)
+
+    def prepare(self, data_dir: Path | None, *, need_train: bool) -> None:
+        for i, p in enumerate(self.parts):
+            p.prepare(data_dir, need_train=need_train and i == 0)
+        self.info = {"task": self.name, "split": " + ".join(str(p.info.get("split", p.name)) for p in self.parts),
+                     "parts": {p.name: p.info for p in self.parts},
+                     "data_hash": data_hash([p.info.get("data_hash") for p in self.parts])}
+
+    def calibration(self, tokenizer: Any, *, samples: int, seq_len: int, seed: int, batch_size: int) -> Any:
+        return self.parts[0].calibration(tokenizer, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
+
+    def on_dense(self, model: Any, tokenizer: Any, **kw: Any) -> None:
+        for p in self.parts:
+            p.on_dense(model, tokenizer, **kw)
+
+    def evaluate(self, model: Any, tokenizer: Any, **kw: Any) -> EvalResult:
+        metrics: dict[str, float] = {}
+        info: dict[str, Any] = {"split": self.info.get("split"), "parts": {}, "columns": []}
+        for p in self.parts:
+            ev = p.evaluate(model, tokenizer, **kw)
+            named = {k if "/" in k or k == "mean_acc" else f"{p.name}/{k}": v for k, v in ev.metrics.items()}
+            metrics.update(named)
+            info["parts"][p.name] = ev.info
+            label = {"wikitext2": "WikiText-2", "wikitext2-quick": "WikiText-2 (quick)"}.get(p.name, p.name)
+            info["columns"] += ev.info.get("columns") or [
+                {"column": f"{label} {'ppl' if p.main_metric == 'perplexity' else p.main_metric}",
+                 "metric": f"{p.name}/{p.main_metric}"}]
+            for key in ("documents", "limit", "kv_cache_bytes_per_token"):
+                if key in ev.info and key not in info:
+                    info[key] = ev.info[key]
+        info["main_metric"] = self.main_metric
+        return EvalResult(metrics, info)
+
+
 _TASKS: dict[str, Task] = {}
 _FACTORIES: dict[str, Callable[[str], Task]] = {}  # prefix (e.g. "lmeval") -> factory
 
@@ -157,6 +221,11 @@ def get_task(name: str, **options: Any) -> Task:
     import copy
 
     _load_builtin()
+    if "+" in name:  # several tasks evaluated on the same pruned model, e.g. wikitext2+zeroshot
+        parts = [p.strip() for p in name.split("+")]
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(f"task {name!r}: join task names with '+', e.g. wikitext2+zeroshot")
+        return SuiteTask.of([get_task(p, **options) for p in parts])
     prefix, sep, rest = name.partition(":")
     if sep:
         if prefix not in _FACTORIES:
@@ -175,7 +244,7 @@ def get_task(name: str, **options: Any) -> Task:
 
 def default_task(model_kind: str, data_dir: Path | None) -> str:
     """The task when none is given: built-in text (offline, minutes on 2 CPU cores); for
-    decoders WikiText-2 when the data directory holds it (as the README says); for
+    decoders WikiText-2's quick variant when the data directory holds it; for
     encoder-decoders translation (which needs local parallel text)."""
     _load_builtin()
     if model_kind == "encoder":
@@ -184,7 +253,7 @@ def default_task(model_kind: str, data_dir: Path | None) -> str:
         return "translation"
     from .lm_tasks import WikiText2Task
 
-    return "wikitext2" if data_dir is not None and WikiText2Task.present(data_dir) else "pydocs"
+    return "wikitext2-quick" if data_dir is not None and WikiText2Task.present(data_dir) else "pydocs"
 
 
 def _normalise(name: str) -> str:

@@ -29,7 +29,7 @@ def test_fold_is_the_least_squares_fit():
     assert (A @ W.T - A[:, keep] @ got.T).norm() < (A @ W.T - A[:, keep] @ W[:, keep].T).norm()
 
 
-@pytest.mark.parametrize("method", ["wanda-sp", "wanda-sp-fold"])
+@pytest.mark.parametrize("method", ["example-wanda", "example-wanda-fold"])
 def test_wanda_passes_the_tshrink_contract(method):
     check_method(method, plugins=[plugin])
 
@@ -40,9 +40,9 @@ def test_fold_brings_the_pruned_model_closer_to_the_dense_one():
     with torch.no_grad():
         dense = model(input_ids=ids).logits
     errors = {}
-    for method in ("wanda-sp", "wanda-sp-fold"):
+    for method in ("example-wanda", "example-wanda-fold"):
         model, calib = contract_setup("llama")
         prune(model, method, 0.6, calib=calib)
         with torch.no_grad():
             errors[method] = float((model(input_ids=ids).logits - dense).norm())
-    assert errors["wanda-sp-fold"] < errors["wanda-sp"], errors
+    assert errors["example-wanda-fold"] < errors["example-wanda"], errors

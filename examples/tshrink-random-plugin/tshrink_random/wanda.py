@@ -14,7 +14,7 @@ DAMPING = Option("wanda_damping", 1e-4, "ridge of the least-squares fold, relati
 @hookimpl
 def tshrink_stages() -> list[StageSpec]:
     return [
-        StageSpec("score", "wanda-sp", "sum of |weight| x input-column norm over each unit's columns",
+        StageSpec("score", "example-wanda", "sum of |weight| x input-column norm over each unit's columns",
                   needs_calibration=True, paper=PAPER),
         StageSpec("correct", "lsq-fold", "layer by layer on the already-pruned model: least-squares refit of "
                   "the output/down projection's kept columns", needs_calibration=True, options=(DAMPING,)),
@@ -24,10 +24,10 @@ def tshrink_stages() -> list[StageSpec]:
 @hookimpl
 def tshrink_methods() -> list[MethodSpec]:
     return [
-        MethodSpec("wanda-sp", Recipe(score="wanda-sp", select="uniform"),
+        MethodSpec("example-wanda", Recipe(score="example-wanda", select="uniform"),
                    "structured Wanda: the same kept fraction in every layer, as the FLAP authors' baseline",
                    paper=PAPER),
-        MethodSpec("wanda-sp-fold", Recipe(score="wanda-sp", select="uniform", correct=("lsq-fold",)),
+        MethodSpec("example-wanda-fold", Recipe(score="example-wanda", select="uniform", correct=("lsq-fold",)),
                    "structured Wanda with a least-squares correction of the kept units"),
     ]
 
