@@ -184,6 +184,9 @@ def test_fidelity_says_as_published_or_names_each_deviation():
     fid = prune(model, "fisher", 0.5, calib=calib).report["stages"]["fidelity"]
     assert fid["as_published"] is False and any("6 calibration examples" in d for d in fid["deviations"])
     assert fid["settings"]["grad_batch_size"] == 32 and fid["settings"]["teacher"] == "search-sqrt"
+    model, calib = _bert()
+    fid = prune(model, "fisher", 0.5, calib=calib, options={"fisher_grad_batch_size": 0}).report["stages"]["fidelity"]
+    assert any("batches of 3 (published 32)" in d for d in fid["deviations"])  # the batches as given: 3 rows each
 
 
 def test_heldout_loss_equals_in_sample_on_duplicated_rows_and_needs_two_rows():

@@ -134,8 +134,10 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
                             "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"],
                             "micro_batch": options["fisher_micro_batch"], "loss_chunk": options["fisher_loss_chunk"]}
+    # 0 = the calibration batches as given: record the size they have
+    effective = size or max(int(b["input_ids"].shape[0]) for b in ctx.calib.batches)
     used = {"calibration_examples": ctx.calib.n_examples,
-            "sampling": ctx.calib.meta.get("sampling", "without replacement"), "grad_batch_size": size}
+            "sampling": ctx.calib.meta.get("sampling", "without replacement"), "grad_batch_size": effective}
     published.record(ctx.report, kind, used)
     # travels with the scores, so a run that reuses them (harness compare, other budgets) records them too
     extra = dict(zip(GRAD_KEYS, (head_grads, neuron_grads)), fisher_settings=used)
