@@ -40,8 +40,10 @@ CALIBRATION_NOTE = ("--calib-samples, the same data for every method of a compar
                     "decoders 32 windows of --seq-len (see `harness tasks`)")
 
 
-def _sizes(text: str) -> list[int]:
-    """Batch sizes from '1,32'; SystemExit with the reason when one is not a positive integer."""
+def _sizes(text: str) -> list[int] | None:
+    """Batch sizes from '1,32' (None for 'auto'); SystemExit with the reason when one is not a positive integer."""
+    if text.strip().lower() == "auto":
+        return None
     try:
         sizes = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
@@ -234,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-samples", type=int, default=None,
                    help="evaluation examples / windows / lm-eval docs (default per task; 0 = whole split)")
     s.add_argument("--batch-size", type=int, default=8, help="calibration and evaluation batch size")
-    s.add_argument("--latency-batch", default="1,32", help="batch sizes of the latency measurement (default 1,32: "
-                   "batch 1 and a compute-bound batch); dense and pruned are timed interleaved in one process")
+    s.add_argument("--latency-batch", default="auto", help="batch sizes of the latency measurement, e.g. 1,32; auto "
+                   "(default): 1,32 on a GPU (batch 1 and a compute-bound batch), 1 on the CPU, where one sequence "
+                   "of --seq-len tokens already keeps the cores busy; dense and pruned are timed interleaved")
     s.add_argument("--latency-warmup", type=int, default=2, help="untimed passes per model first")
     s.add_argument("--latency-repeats", type=int, default=5, help="interleaved rounds (each a torch.utils.benchmark "
                    "adaptive autorange per model); the median and quartiles over rounds are reported")

@@ -78,6 +78,15 @@ class Settings:
                          max_new_tokens=self.max_new_tokens, pm=pm or plugin_manager(self.plugins), dtype=self.dtype)
 
 
+def default_latency_batches(device: str) -> tuple[int, ...]:
+    """Batch 1 and a compute-bound batch of 32 on a GPU; batch 1 on the CPU, where one sequence of
+    ``seq_len`` tokens already keeps the cores busy (a batch of 32 would cost minutes per timing)."""
+    import torch
+
+    gpu = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return (1, 32) if gpu else (1,)
+
+
 def plugin_manager(plugins: tuple[str, ...] = ()) -> Any:
     """Every installed plugin plus ``plugins`` ("module:attribute", imported here)."""
     import importlib
@@ -316,7 +325,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             data_dir: str | None = None, device: str = "cpu", dtype: str | None = "auto", seed: int = 0, results_dir: str = "runs",
             task: str | None = None, lmeval_include: str | None = None, squad_split: str | None = None,
             num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
-            latency_batch: int | list[int] = (1, 32), latency_warmup: int = 2, latency_repeats: int = 5,
+            latency_batch: int | list[int] | None = None, latency_warmup: int = 2, latency_repeats: int = 5,
             latency_min_time: float = 0.2, latency_threads: int | None = None, flops_seq_len: str | int = "padded",
             leaderboard: bool = True, command: list[str] | None = None, pm: Any = None,
             plugins: tuple[str, ...] = (), reference: str | None = None, executor: str = "serial",
@@ -325,7 +334,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
 
     A run that fails (in any stage, its evaluation or its measurement) becomes a record with
     ``status: "failed"``, the stage and the error; the other runs go on; a re-run retries it.
-    latency_batch: batch size(s) of the latency measurement (dense and pruned timed
+    latency_batch: batch size(s) of the latency measurement (None: :func:`default_latency_batches`; dense and pruned timed
     interleaved in the run's process, see ``measure.latency_record``); flops_seq_len: the
     sequence length the FLOPs budget is priced at: "padded" (--seq-len), "avg" (the
     calibration data's mean real length, as Kwon et al.'s code) or a number of tokens.
@@ -338,7 +347,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
         the ``executor`` field."""
     from .leaderboard import build, render_group
 
-    sizes = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch)
+    sizes = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch or default_latency_batches(device))
     settings = Settings(methods=methods, model=model, budgets=tuple(budgets), options=tuple(sorted(options.items())),
                         calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len, data_dir=data_dir,
                         device=device, dtype=dtype, seed=seed, task=task, lmeval_include=lmeval_include,
