@@ -5,9 +5,10 @@ Llama-3.2-1B, Llama-2-7B and Llama-2-70B shapes of which only ``--layers`` trans
 are built (hidden size, MLP width, heads, KV heads and vocabulary as published). Every
 configuration runs in a fresh subprocess; measured there:
 
-* ``rss_base`` after building the model and the calibration data, ``rss_peak`` (ru_maxrss)
-  after the prune: ``work = rss_peak - rss_base`` is what the prune itself holds on top of
-  the weights (the device-memory term of a GPU run: statistics, activations, hidden states);
+* ``rss_peak`` (ru_maxrss) after the prune; ``peak - weights`` is everything but the weights
+  (runtime + the prune's statistics, activations, hidden states: the device-memory term of
+  a GPU run); ``work = rss_peak - rss_base``, ``rss_base`` the high-water mark after building
+  (understated when building peaked higher than the prune);
 * the pipeline's stage timings; per-layer time = (score + select + refine + correct) / layers.
   The method's first stage also pays the prologue (embeddings) -- negligible next to a layer.
 
@@ -194,22 +195,26 @@ def gpu_estimate(name: str, tokens: int = 512 * 2048, seq: int = 2048, batch: in
 
 def table(data: dict) -> str:
     runs = [r for r in data["runs"] if "error" not in r]
-    out = ["| shape | layers | method | tokens | dtype | weights GiB | work GiB | peak RSS GiB | s / layer | "
-           "formula GFLOP / layer | GFLOP/s |",
-           "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["peak - weights: everything the process holds besides the weights (the Python/torch runtime, "
+           "~0.4 GiB, plus the prune's working memory); work: peak minus the high-water mark after building "
+           "(understated when building peaked higher, e.g. SmolLM2 loaded with 30 layers, then cut).", "",
+           "| shape | layers | method | tokens | dtype | weights GiB | peak - weights GiB | work GiB | peak RSS GiB "
+           "| s / layer | formula GFLOP / layer | GFLOP/s |",
+           "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        extra = "| |"
+        extra = "| | |"
         if r["method"] == "stat":
             c = stat_cost(SHAPES[r["shape"]], r["tokens_used"], r["seq"], r["batch"] * r["seq"], 4)
             f = c["forward_flops"] + c["gram_flops"] + c["decompose_flops"]
             extra = f"| {f / 1e9:.0f} | {f / 1e9 / r['per_layer_s']:.1f} |"
         out.append(f"| {r['shape']} | {r['layers']} | {r['method']} | {r['tokens']} | {r['dtype']} | "
-                   f"{r['weights_gib']:.2f} | {r['work_gib']:.2f} | {r['rss_peak_gib']:.2f} | {r['per_layer_s']:.2f} "
+                   f"{r['weights_gib']:.2f} | {r['rss_peak_gib'] - r['weights_gib']:.2f} | {r['work_gib']:.2f} | "
+                   f"{r['rss_peak_gib']:.2f} | {r['per_layer_s']:.2f} "
                    + extra)
     errors = [r for r in data["runs"] if "error" in r]
     for r in errors:
         out.append(f"| {r['shape']} | {r['layers']} | {r['method']} | {r['tokens']} | {r['dtype']} | failed: "
-                   f"{r['error'][:80]} | | | | | |")
+                   f"{r['error'][:80]} | | | | | | |")
     out += ["", "GPU extrapolation of a full STAT prune (512 x 2048 calibration tokens, bfloat16, batch 8; "
             f"assumed rates {GPU_RATES}, not measured):", "",
             "| shape | min total | device peak GiB (hidden on host) | hidden states GiB | host weights GiB |",

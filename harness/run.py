@@ -283,7 +283,7 @@ def plan_placement_for(plan: Plan, *, batch_size: int, device_memory: str | None
         raise ValueError(f"--device-memory: {err}") from None
     try:
         shape = model_shape(plan.config, plan.dtype, head=plan.task.head)
-    except ValueError:  # no architecture adapter (transform-only recipes): the whole model on the device
+    except Exception:  # noqa: BLE001 - no adapter (transform-only recipes) or no meta build: whole model on the device
         return None
     tokens = plan.calib_samples * plan.seq_len if plan.needs_calibration else 0
     batch_tokens = min(batch_size, max(plan.calib_samples, 1)) * plan.seq_len

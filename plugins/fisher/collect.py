@@ -31,7 +31,6 @@ removed on exit.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
