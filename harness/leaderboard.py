@@ -280,8 +280,8 @@ def build(results: str | Path) -> Path:
         parts.append(render_group(groups[slug], plot=plot))
         for metric in suite_perplexities(groups[slug]):  # a '+' suite: its perplexity gets a plot too
             extra = f"{PLOTS}/{slug}-{R.slug(metric.split('/')[0])}-ppl.png"
-            _write_atomic(results / extra, pareto_png(groups[slug], metric))
-            written.add(results / extra)
+            write_bytes_atomic(results / extra, pareto_png(groups[slug], metric))
+            written.append(extra.split("/", 1)[1])
             parts.append(f"![{metric} Pareto plot]({extra})\n")
     if not groups:
         parts += ["(no records yet: run `harness compare`)", ""]

@@ -163,8 +163,9 @@ def model_shape(model_or_config: Any, dtype: torch.dtype, head: str = "base") ->
     if not isinstance(model, nn.Module):
         from .models import _auto_class
 
+        cls = _auto_class(head, model_or_config)  # an Auto class, or the checkpoint's own class ("base")
         with torch.device("meta"):
-            model = _auto_class(head, model_or_config).from_config(model_or_config)
+            model = cls.from_config(model_or_config) if hasattr(cls, "from_config") else cls(model_or_config)
     adapter = get_adapter(model)
     size = torch.empty((), dtype=dtype).element_size()
     layers = adapter.layers()
