@@ -41,6 +41,10 @@ SEQUENTIAL = Option("stat_sequential", "layer", "statistics of each layer from t
                     ("layer", "sublayer", "none"))
 REPICK = Option("stat_repick", True, "re-choose the units of each layer by the decomposition at the "
                 "selected width (False: keep the selector's units, only fold the correction)")
+HEAD_RULE = Option("stat_head_rule", "block", "head (or KV-group) order: greedy block-pivoted decomposition "
+                   "of the output projection's input, each block scaled by its output columns ('block'), or "
+                   "pivoted Cholesky of the units x units Gram of per-unit traces scaled by the output columns' "
+                   "norms ('trace', the STAT prototype's rule)", ("block", "trace"))
 DAMPING = Option("stat_damping", 1e-6, "ridge of the least-squares fold, relative to the mean column energy")
 
 
@@ -49,12 +53,13 @@ def tshrink_stages() -> list[StageSpec]:
     return [
         StageSpec("score", "stat", "error curves of the neuron ID and head block selection per layer "
                   "(dense model, layer by layer); score = convexified error reduction of the unit",
-                  needs_calibration=True, options=(SKETCH, SKETCH_SIZE, CENTER, ERROR_NORM), paper=PAPER),
+                  needs_calibration=True, options=(SKETCH, SKETCH_SIZE, CENTER, ERROR_NORM, HEAD_RULE), paper=PAPER),
         StageSpec("select", "stat-allocate", "per-layer head/neuron widths from the STAT error curves under "
                   "the FLOPs budget", options=(ALLOCATION, PRUNE_HEADS), paper=PAPER),
         StageSpec("correct", "stat", "sequential ID re-selection at the chosen widths with least-squares "
                   "folds into the down and output projections", needs_calibration=True,
-                  options=(SKETCH, SKETCH_SIZE, CENTER, SEQUENTIAL, REPICK, DAMPING), paper=PAPER),
+                  options=(SKETCH, SKETCH_SIZE, CENTER, SEQUENTIAL, REPICK, DAMPING, HEAD_RULE),
+                  paper=PAPER),
     ]
 
 
