@@ -18,9 +18,8 @@ For every calibration seed, on the same dense model:
 * ``--variant LABEL:opt=value,opt=value`` adds a plugin run of ``--variant-method`` with
   those STAT options (the ablation of ``results/benchmarks/stat_ablation.md``).
 
-Every pruned model is evaluated by the harness's task (GLUE dev metric x 100; with
-``--dev-part a|b`` on the even / odd dev examples only, to choose on one half and confirm on
-the other). Writes ``results/benchmarks/stat_vs_prototype-<task>.json`` (every run) and
+Every pruned model is evaluated by the harness's task (GLUE dev metric x 100; also on
+the even (a) and odd (b) dev examples, to choose on one half and confirm on the other). Writes ``results/benchmarks/stat_vs_prototype-<task>.json`` (every run) and
 ``.md`` (mean +- spread across seeds: the spread is max - min; a difference smaller than it
 is not a result), e.g.
 
@@ -32,6 +31,7 @@ import argparse
 import ast
 import copy
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -136,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opt", action="append", default=[], help="stat option name=value for every plugin run")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dev-part", default="all", choices=("all", "a", "b"), help="a/b: even/odd dev examples")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="output stem (default results/benchmarks/stat_vs_prototype-TASK)")
     args = p.parse_args(argv)
@@ -161,19 +160,36 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, head=task.head)
     task.check_model(model.config, args.model)
     task.prepare(Path(args.data_dir), need_train=True)
-    if args.dev_part != "all":
-        task._eval = task._eval[0 if args.dev_part == "a" else 1::2]  # held-out halves of the dev set
     proto = None if args.no_prototype or not fractions else load_prototype(
         Path(args.prototype), args.model, args.data_dir, args.task)
     metric = PRIMARY[args.task]
+    keys = {"all": metric, "a (even)": "a:" + metric, "b (odd)": "b:" + metric}
     from tshrink.manager import get_plugin_manager
 
     score_options = {o.name for specs in get_plugin_manager().hook.tshrink_stages() for st in specs
                      if st.kind == "score" and st.name == "stat" for o in st.options}
 
+    from tshrink_harness.metrics.glue_metric.glue_scores import glue_scores
+    from tshrink_harness.tasks.glue import encode_glue
+
+    examples = task._eval  # the dev split, as task.evaluate reads it
+    refs = [e["label"] for e in examples]
+
     def evaluate(net: torch.nn.Module) -> dict[str, float]:
-        m = task.evaluate(net, tok, device="cpu", limit=None, seq_len=args.seq_len, batch_size=64).metrics
-        return {k: 100 * v if abs(v) <= 1.0 else v for k, v in m.items()}
+        """The task's dev metrics x 100 (task.evaluate's loop: same encoding, argmax or score,
+        glue_scores), on all dev examples and on the even ('a:') / odd ('b:') halves."""
+        preds: list[Any] = []
+        net.eval()
+        with torch.inference_mode():
+            for i in range(0, len(examples), 64):
+                enc = encode_glue(examples[i:i + 64], tok, max_length=args.seq_len)
+                enc.pop("labels", None)
+                logits = net(**enc).logits.float()  # (batch, labels)
+                preds += (logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)).tolist()
+        out = {}
+        for prefix, sl in (("", slice(None)), ("a:", slice(0, None, 2)), ("b:", slice(1, None, 2))):
+            out.update({prefix + k: 100 * float(v) for k, v in glue_scores(args.task, preds[sl], refs[sl]).items()})
+        return out
 
     model.eval()
     dense = evaluate(model)
@@ -223,17 +239,17 @@ def main(argv: list[str] | None = None) -> int:
             del net
 
     stem = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / f"stat_vs_prototype-{args.task}"
-    command = "python benchmarks/stat_vs_prototype.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = summarise(records, metric)
-    result = {"task": args.task, "model": args.model, "metric": metric, "dev_part": args.dev_part,
+    command = "python benchmarks/stat_vs_prototype.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    tables = "\n\n".join(f"{part} dev examples:\n\n{summarise(records, key)}" for part, key in keys.items())
+    result = {"task": args.task, "model": args.model, "metric": metric, "dev_examples": len(examples),
               "dense": dense, "seeds": seeds, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
               "prototype": args.prototype if proto else None, "command": command, "records": records}
     write_json_atomic(stem.with_suffix(".json"), result)
-    md = (f"# STAT plugin vs prototype: {args.task} ({metric} x 100, dev part {args.dev_part})\n\n"
+    md = (f"# STAT plugin vs prototype: {args.task} ({metric} x 100)\n\n"
           f"Model `{args.model}`, dense {dense[metric]:.1f}; {args.calib_samples} calibration examples, "
           f"seeds {seeds}; cells: mean ± (max - min) (number of seeds). 'widths W' = the prototype's "
           f"uniform widths (plugin at their FLOPs), 'FLOPs B' = the plugin's budget.\n\n"
-          f"Command: `{command}`\n\n{table}\n")
+          f"Command: `{command}`\n\n{tables}\n")
     stem.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
     return 0
