@@ -199,6 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     settings += [(f"FLOPs {b:.0%}", b, None) for b in budgets]
     proto_train = proto["load"](args.task)[0] if proto else None
 
+    stem = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / f"stat_vs_prototype-{args.task}"
+    command = "python benchmarks/stat_vs_prototype.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    def write(complete: bool) -> str:
+        """Both files, after every run (a stopped benchmark keeps what it measured)."""
+        tables = "\n\n".join(f"{part} dev examples:\n\n{summarise(records, key)}" for part, key in keys.items())
+        result = {"task": args.task, "model": args.model, "metric": metric, "dev_examples": len(examples),
+                  "dense": dense, "seeds": seeds, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
+                  "prototype": args.prototype if proto else None, "command": command, "complete": complete,
+                  "records": records}
+        write_json_atomic(stem.with_suffix(".json"), result)
+        md = (f"# STAT plugin vs prototype: {args.task} ({metric} x 100)\n\n"
+              f"Model `{args.model}`, dense {dense[metric]:.1f}; {args.calib_samples} calibration examples, "
+              f"seeds {seeds}{'' if complete else ' (INCOMPLETE: stopped early)'}; cells: mean ± (max - min) "
+              f"(number of seeds). 'widths W' = the prototype's uniform widths (plugin at their FLOPs), "
+              f"'FLOPs B' = the plugin's budget.\n\nCommand: `{command}`\n\n{tables}\n")
+        stem.with_suffix(".md").write_text(md, encoding="utf-8")
+        return md
+
     for seed in seeds:
         calib = task.calibration(tok, samples=args.calib_samples, seq_len=args.seq_len, seed=seed, batch_size=32)
         cached: dict[str, Any] = {}  # the 'stat' score stage, reused across budgets and methods (same options)
@@ -234,24 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             rec["prune_s"] = round(time.perf_counter() - t, 2)
             rec["metrics"] = evaluate(net)
             records.append(rec)
+            write(False)
             print(f"seed {seed} {setting:11s} {label:24s} {metric} {rec['metrics'][metric]:6.2f} "
                   f"({rec['prune_s']:.1f} s)", flush=True)
             del net
 
-    stem = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / f"stat_vs_prototype-{args.task}"
-    command = "python benchmarks/stat_vs_prototype.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    tables = "\n\n".join(f"{part} dev examples:\n\n{summarise(records, key)}" for part, key in keys.items())
-    result = {"task": args.task, "model": args.model, "metric": metric, "dev_examples": len(examples),
-              "dense": dense, "seeds": seeds, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
-              "prototype": args.prototype if proto else None, "command": command, "records": records}
-    write_json_atomic(stem.with_suffix(".json"), result)
-    md = (f"# STAT plugin vs prototype: {args.task} ({metric} x 100)\n\n"
-          f"Model `{args.model}`, dense {dense[metric]:.1f}; {args.calib_samples} calibration examples, "
-          f"seeds {seeds}; cells: mean ± (max - min) (number of seeds). 'widths W' = the prototype's "
-          f"uniform widths (plugin at their FLOPs), 'FLOPs B' = the plugin's budget.\n\n"
-          f"Command: `{command}`\n\n{tables}\n")
-    stem.with_suffix(".md").write_text(md, encoding="utf-8")
-    print(md)
+    print(write(True))
     return 0
 
 
