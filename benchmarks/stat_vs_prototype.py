@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import json
 import random
 import shlex
 import statistics
@@ -118,6 +119,32 @@ def summarise(records: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], stem: Path) -> str:
+    """One table from several runs' JSON files of the same task and model (e.g. seeds run as
+    separate jobs): records concatenated, ``.md`` rewritten, ``.json`` lists the sources."""
+    parts = [json.loads(Path(q).read_text(encoding="utf-8")) for q in paths]
+    first = parts[0]
+    for q, d in zip(paths, parts):
+        if (d["task"], d["model"]) != (first["task"], first["model"]):
+            raise SystemExit(f"--merge: {q} is {d['task']} on {d['model']}, not {first['task']} on {first['model']}")
+    records = [first["records"][0]] + [r for d in parts for r in d["records"] if r["label"] != "dense"]
+    metric = first["metric"]
+    tables = "\n\n".join(f"{part} dev examples:\n\n{summarise(records, key)}" for part, key in
+                          (("all", metric), ("a (even)", "a:" + metric), ("b (odd)", "b:" + metric)))
+    md = (f"# STAT plugin vs prototype: {first['task']} ({metric} x 100)\n\n"
+          f"Model `{first['model']}`, dense {first['dense'][metric]:.1f}; {first['calib_samples']} calibration "
+          f"examples; cells: mean ± (max - min) (number of seeds). 'widths W' = the prototype's uniform widths "
+          f"(plugin at their FLOPs), 'FLOPs B' = the plugin's budget. Merged from:\n\n"
+          + "".join(f"- `{d['command']}`{'' if d.get('complete') else ' (incomplete)'}\n" for d in parts)
+          + f"\n{tables}\n")
+    from tshrink.checkpoint import write_json_atomic
+
+    write_json_atomic(stem.with_suffix(".json"), {**first, "merged_from": [d["command"] for d in parts],
+                                                  "records": records})
+    stem.with_suffix(".md").write_text(md, encoding="utf-8")
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(PRIMARY))
@@ -136,9 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opt", action="append", default=[], help="stat option name=value for every plugin run")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--order", default="seeds", choices=("seeds", "settings"),
+                   help="outer loop: every setting of a seed first ('seeds') or every seed of a setting first")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="output stem (default results/benchmarks/stat_vs_prototype-TASK)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only rebuild one table (--out) from these runs' JSON files")
     args = p.parse_args(argv)
+    if args.merge:
+        print(merge(args.merge, Path(args.out) if args.out else
+                    ROOT / "results" / "benchmarks" / f"stat_vs_prototype-{args.task}"))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -218,19 +253,23 @@ def main(argv: list[str] | None = None) -> int:
         stem.with_suffix(".md").write_text(md, encoding="utf-8")
         return md
 
-    for seed in seeds:
-        calib = task.calibration(tok, samples=args.calib_samples, seq_len=args.seq_len, seed=seed, batch_size=32)
-        cached: dict[str, Any] = {}  # the 'stat' score stage, reused across budgets and methods (same options)
+    calibs: dict[int, Any] = {}
+    cached: dict[tuple[int, str], Any] = {}  # the 'stat' score stage per seed, reused across budgets and methods
+    pairs = ([(seed, st) for seed in seeds for st in settings] if args.order == "seeds"
+             else [(seed, st) for st in settings for seed in seeds])
+    for seed, (setting, budget, frac) in pairs:
+        if seed not in calibs:
+            calibs[seed] = task.calibration(tok, samples=args.calib_samples, seq_len=args.seq_len, seed=seed,
+                                            batch_size=32)
+        calib = calibs[seed]
         runs: list[tuple[str, str, dict[str, str], str, float, float | None]] = []
-        for setting, budget, frac in settings:
-            if frac is not None and proto is not None:
-                runs.append(("prototype", "", {}, setting, budget, frac))
-            for m in methods:
-                runs.append((m, m, dict(common), setting, budget, frac))
-            if variants and (args.variant_settings == "both" or
-                             (args.variant_settings == "widths") == (frac is not None)):
-                for label, opts in variants:
-                    runs.append((label, args.variant_method, {**common, **opts}, setting, budget, frac))
+        if frac is not None and proto is not None:
+            runs.append(("prototype", "", {}, setting, budget, frac))
+        for m in methods:
+            runs.append((m, m, dict(common), setting, budget, frac))
+        if variants and (args.variant_settings == "both" or (args.variant_settings == "widths") == (frac is not None)):
+            for label, opts in variants:
+                runs.append((label, args.variant_method, {**common, **opts}, setting, budget, frac))
         for label, method, opts, setting, budget, frac in runs:
             net = copy.deepcopy(model)
             t = time.perf_counter()
@@ -245,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                 key = repr(sorted((k, v) for k, v in opts.items() if k in score_options)) \
                     if method.startswith("stat") else None
                 res = prune(net, method, budget, calib=calib, seq_len=args.seq_len, options=opts, seed=seed,
-                            scores=cached.get(key) if key else None)
+                            scores=cached.get((seed, key)) if key else None)
                 if key:
-                    cached[key] = res.scores
+                    cached[(seed, key)] = res.scores
                 rec.update(method=method, options=opts, flops_kept=res.report["flops_kept"],
                            widths=res.report["widths_after"])
             rec["prune_s"] = round(time.perf_counter() - t, 2)
