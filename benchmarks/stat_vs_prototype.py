@@ -16,7 +16,9 @@ For every calibration seed, on the same dense model:
   that those width fractions cost (``widths W`` rows: ``stat-uniform`` then keeps exactly
   the prototype's widths) and at the FLOPs budgets ``--budgets`` (``FLOPs B`` rows);
 * ``--variant LABEL:opt=value,opt=value`` adds a plugin run of ``--variant-method`` with
-  those STAT options (the ablation of ``results/benchmarks/stat_ablation.md``).
+  those STAT options, one switch toward the prototype's choice per variant (the ablation), e.g.
+  ``--variant sublayer:stat_sequential=sublayer --variant damp1e-8:stat_damping=1e-8
+  --variant trace:stat_head_rule=trace --variant uncentred:stat_center=false``.
 
 Every pruned model is evaluated by the harness's task (GLUE dev metric x 100; also on
 the even (a) and odd (b) dev examples, to choose on one half and confirm on the other). Writes ``results/benchmarks/stat_vs_prototype-<task>.json`` (every run) and
