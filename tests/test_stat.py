@@ -361,3 +361,56 @@ def test_min_width_floor_holds_in_every_layer() -> None:
     assert r1.report["flops_kept"] <= 0.35 + 1e-9 and r0.report["flops_kept"] <= 0.35 + 1e-9
     with pytest.raises(ValueError, match="stat_min_width"):
         prune(structured("llama"), "stat", 0.35, calib=calib, options={"stat_min_width": 1.5})
+
+def test_select_blocks_in_a_given_order_gives_that_orders_fold_errors() -> None:
+    A = _correlated(120, 12, 5, seed=3)
+    W = torch.randn(7, 12, generator=_gen(4), dtype=F64)
+    order = [4, 0, 5, 2, 1, 3]
+    sel = select_blocks(A.T @ A, 2, 2, order=order)
+    assert sel.order.tolist() == order and sel.blocks.tolist() == [4, 0]
+    err = weighted_residuals(sel.factor, W, sel.ends)
+    for t in range(7):
+        ref = _ls_residual(A, W, block_columns(torch.tensor(order[:t], dtype=torch.long), 2).tolist())
+        assert float(err[t]) == pytest.approx(ref, rel=1e-6, abs=1e-6 * float(err[0]))
+    with pytest.raises(ValueError, match="permutation of the 6 blocks"):
+        select_blocks(A.T @ A, 2, 2, order=[0, 1, 2])
+    with pytest.raises(ValueError, match="must not repeat"):
+        select_blocks(A.T @ A, 2, 2, order=[0, 0, 1, 2, 3, 4])
+
+
+def test_trace_head_rule_is_the_prototypes_formula() -> None:
+    """Hand computation: M[h, g] = tr(G_hg) ||W_h||_F ||W_g||_F, then greedy pivoted Cholesky
+    (largest remaining Schur diagonal first), computed here with explicit loops."""
+    from tshrink_plugins.stat.prune import trace_order
+
+    bs, nb = 3, 5
+    A = _correlated(200, bs * nb, 6, seed=7)
+    W = torch.randn(4, bs * nb, generator=_gen(8), dtype=F64)
+    G = A.T @ A
+    w = [float(W[:, h * bs:(h + 1) * bs].norm()) for h in range(nb)]
+    M = torch.tensor([[float(torch.trace(G[h * bs:(h + 1) * bs, g * bs:(g + 1) * bs])) * w[h] * w[g]
+                       for g in range(nb)] for h in range(nb)], dtype=F64)
+    order, S = [], M.clone()
+    for _ in range(nb):
+        p = max((i for i in range(nb) if i not in order), key=lambda i: float(S[i, i]))
+        order.append(p)
+        S = S - torch.outer(S[:, p], S[p, :]) / S[p, p]
+    assert trace_order(G, W, bs).tolist() == order
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_trace_head_rule_runs_end_to_end(family: str) -> None:
+    calib, held = _batches(family, 0, n=3), _batches(family, 1, n=1)
+    ref = _hidden(structured(family), held)
+    errs = {}
+    for method in ("stat", "stat-uniform"):
+        model = structured(family)
+        res = prune(model, method, 0.5, calib=calib, options={"stat_head_rule": "trace"})
+        assert res.report["flops_kept"] <= 0.5 + 1e-9
+        assert res.report["options"]["stat_head_rule"] == "trace"
+        errs[method] = _rel_err(model, ref, held)
+    mag = structured(family)
+    prune(mag, "magnitude", 0.5, calib=calib)
+    assert max(errs.values()) < 0.5 * _rel_err(mag, ref, held), errs
+    with pytest.raises(ValueError, match="stat_head_rule"):
+        prune(structured(family), "stat", 0.5, calib=calib, options={"stat_head_rule": "qr"})

@@ -349,11 +349,13 @@ def block_columns(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     return (blocks.long()[:, None] * block_size + ar).reshape(-1)
 
 
-def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int) -> BlockSelection:
+def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int,
+                  order: torch.Tensor | Sequence[int] | None = None) -> BlockSelection:
     """Choose ``k_blocks`` of the ``n / block_size`` contiguous column blocks from ``G = A^T A``.
 
     Each step takes the block with the largest residual Frobenius norm (sum of its Schur
-    diagonal) after projecting out every column already chosen, then eliminates that
+    diagonal) after projecting out every column already chosen -- or, given ``order`` (a
+    permutation of the blocks), the next block of that order -- then eliminates that
     block's columns by pivoted Cholesky inside the block (columns already in the span are
     skipped, so rank-deficient blocks are fine); the block's new factor columns for all rows
     come from one triangular solve (BLAS-3). Runs through all blocks so ``residuals``
@@ -366,6 +368,10 @@ def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int) -> BlockSelec
     nb = n // block_size
     if isinstance(k_blocks, bool) or not isinstance(k_blocks, int) or not 0 <= k_blocks <= nb:
         raise ValueError(f"k_blocks must be an integer in [0, {nb}], got {k_blocks!r}")
+    if order is not None:
+        forced = _as_index("order", order, nb, G.device)
+        if forced.numel() != nb:
+            raise ValueError(f"order must be a permutation of the {nb} blocks, got {forced.numel()} entries")
     G64 = G.detach().to(torch.float64)
     G64 = 0.5 * (G64 + G64.T)
     d = G64.diagonal().clone().clamp_(min=0)  # (n,) Schur diagonal
@@ -374,11 +380,12 @@ def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int) -> BlockSelec
     done = torch.zeros(n, dtype=torch.bool, device=G.device)
     r = 0
     chosen = torch.zeros(nb, dtype=torch.bool, device=G.device)
-    order: list[int] = []
+    taken: list[int] = []
     ends: list[int] = []
     energies = [d.sum()]
-    for _ in range(nb):
-        b = int(torch.argmax(d.view(nb, block_size).sum(1).masked_fill(chosen, -1.0)))
+    for step in range(nb):
+        b = (int(forced[step]) if order is not None
+             else int(torch.argmax(d.view(nb, block_size).sum(1).masked_fill(chosen, -1.0))))
         lo = b * block_size
         S = G64[:, lo : lo + block_size] - L[:, :r] @ L[lo : lo + block_size, :r].T  # (n, bs) Schur columns
         # pivoted Cholesky inside the block (largest residual column first, columns already in
@@ -397,10 +404,10 @@ def select_blocks(G: torch.Tensor, block_size: int, k_blocks: int) -> BlockSelec
             done[lo + piv.to(G.device)] = True
         d[lo : lo + block_size] = 0.0  # what is left there is below the rank tolerance
         chosen[b] = True
-        order.append(b)
+        taken.append(b)
         ends.append(r)
         energies.append(d.sum())
-    order_t = torch.tensor(order, dtype=torch.long, device=G.device)
+    order_t = torch.tensor(taken, dtype=torch.long, device=G.device)
     residuals = torch.cummin(torch.stack(energies).clamp(min=0).sqrt(), 0).values
     blocks = order_t[:k_blocks]
     return BlockSelection(blocks=blocks, cols=block_columns(blocks, block_size), order=order_t,

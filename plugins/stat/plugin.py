@@ -54,6 +54,12 @@ SEQUENTIAL = Option("stat_sequential", "layer", "statistics of each layer from t
 REPICK = Option("stat_repick", True, "re-choose the units of each layer by the decomposition at the "
                 "selected width (False: keep the selector's units, only fold the correction). Default on: the "
                 "decomposition at the final width, on the already pruned model, picks the units that fold best")
+HEAD_RULE = Option("stat_head_rule", "block", "head (or KV-group) order: greedy block-pivoted decomposition "
+                   "of the output projection's input, each block scaled by its output columns ('block'), or "
+                   "pivoted Cholesky of the units x units Gram of per-unit traces scaled by the output columns' "
+                   "norms ('trace', the STAT prototype's rule). Default 'block': on SST-2 (the only task "
+                   "measured against the prototype so far) the plugin is not below the prototype with it",
+                   ("block", "trace"))
 DAMPING = Option("stat_damping", 1e-6, "ridge of the least-squares fold, relative to the mean column energy. "
                  "Default 1e-6: only guards rank-deficient Grams (dead or duplicate units) without biasing the fold")
 
@@ -63,12 +69,13 @@ def tshrink_stages() -> list[StageSpec]:
     return [
         StageSpec("score", "stat", "error curves of the neuron ID and head block selection per layer "
                   "(dense model, layer by layer); score = convexified error reduction of the unit",
-                  needs_calibration=True, options=(SKETCH, SKETCH_SIZE, CENTER, ERROR_NORM), paper=PAPER),
+                  needs_calibration=True, options=(SKETCH, SKETCH_SIZE, CENTER, ERROR_NORM, HEAD_RULE), paper=PAPER),
         StageSpec("select", "stat-allocate", "per-layer head/neuron widths from the STAT error curves under "
                   "the FLOPs budget", options=(ALLOCATION, PRUNE_HEADS, MIN_WIDTH), paper=PAPER),
         StageSpec("correct", "stat", "sequential ID re-selection at the chosen widths with least-squares "
                   "folds into the down and output projections", needs_calibration=True,
-                  options=(SKETCH, SKETCH_SIZE, CENTER, SEQUENTIAL, REPICK, DAMPING), paper=PAPER),
+                  options=(SKETCH, SKETCH_SIZE, CENTER, SEQUENTIAL, REPICK, DAMPING, HEAD_RULE),
+                  paper=PAPER),
     ]
 
 

@@ -79,6 +79,7 @@ from .idecomp import (block_columns, id_from_gram, least_squares_fold_rows, part
 
 ERROR_NORMS = ("stream", "none")
 SEQUENTIAL = ("sublayer", "layer", "none")
+HEAD_RULES = ("block", "trace")
 _F64 = torch.float64
 _EPS = float(torch.finfo(_F64).eps)
 
@@ -94,6 +95,7 @@ class StatConfig:
     sequential: str = "layer"
     repick: bool = True
     damping: float = 1e-6
+    head_rule: str = "block"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,6 +107,8 @@ class StatConfig:
             raise ValueError(f"stat_sequential={self.sequential!r} is not one of {SEQUENTIAL}")
         if not (isinstance(self.damping, (int, float)) and self.damping >= 0):
             raise ValueError(f"stat_damping={self.damping!r} must be a number >= 0")
+        if self.head_rule not in HEAD_RULES:
+            raise ValueError(f"stat_head_rule={self.head_rule!r} is not one of {HEAD_RULES}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any], seed: int = 0) -> "StatConfig":
@@ -112,7 +116,8 @@ class StatConfig:
         get = lambda name, default: options.get(f"stat_{name}", default)  # noqa: E731
         return cls(get("sketch", d.sketch), int(get("sketch_size", d.sketch_size)), bool(get("center", d.center)),
                    get("error_norm", d.error_norm), str(get("sequential", d.sequential)),
-                   bool(get("repick", d.repick)), float(get("damping", d.damping)), seed)
+                   bool(get("repick", d.repick)), float(get("damping", d.damping)),
+                   str(get("head_rule", d.head_rule)), seed)
 
     def stats(self, n: int, device: torch.device, *, target_rank: int | None = None, seed: int = 0) -> ColumnStats:
         return ColumnStats(n, sketch=self.sketch, size=self.sketch_size, target_rank=target_rank,
@@ -180,15 +185,27 @@ def neuron_decomposition(stats: ColumnStats, W: torch.Tensor, center: bool,
     return d.pivots, weighted_residuals(d.factor.to(mat.device), block_apply(W, Mp))
 
 
+def trace_order(G: torch.Tensor, W: torch.Tensor, bs: int) -> torch.Tensor:
+    """Unit order (units,) of the ``trace`` head rule: pivoted Cholesky of the units x units
+    matrix ``tr(G_uv) ||W_u||_F ||W_v||_F`` (``G`` (n, n) the unscaled Gram of the output
+    projection's input, ``W`` (out, n) that projection, units of ``bs`` columns)."""
+    nb = G.shape[0] // bs
+    traces = torch.einsum("aibi->ab", G.to(_F64).reshape(nb, bs, nb, bs))  # (units, units)
+    w = W.detach().to(G.device, _F64).reshape(W.shape[0], nb, bs).pow(2).sum((0, 2)).sqrt()  # (units,)
+    return id_from_gram(traces * w[:, None] * w[None, :], 0).pivots
+
+
 def head_decomposition(stats: ColumnStats, W: torch.Tensor, bs: int, center: bool,
-                       k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy block order (units,) of the scaled output-projection input, and the error
-    curve (units+1,) of the least-squares fold onto the first t units."""
+                       k: int = 0, rule: str = "block") -> tuple[torch.Tensor, torch.Tensor]:
+    """Block order (units,) of the scaled output-projection input -- greedy block pivoting
+    (``rule="block"``) or :func:`trace_order` (``"trace"``) -- and the error curve (units+1,)
+    of the least-squares fold onto the first t units of that order."""
     M, Mp = unit_scaling(W, bs)
     M, Mp = M.to(stats.sum.device), Mp.to(stats.sum.device)
     kind, mat = stats.scaled(center, M)
     G = mat if kind == "gram" else mat.T @ mat
-    sel = select_blocks(G, bs, k)
+    order = trace_order(stats.gram(center), W, bs) if rule == "trace" else None
+    sel = select_blocks(G, bs, k, order=order)
     return sel.order, weighted_residuals(sel.factor, block_apply(W, Mp), sel.ends)
 
 
@@ -287,7 +304,7 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             lin = a.o if kind == "heads" else m.out
             center = cfg.center and lin.bias is not None
             if kind == "heads":
-                order, errors = head_decomposition(stats, lin.weight, st.head_width, center)
+                order, errors = head_decomposition(stats, lin.weight, st.head_width, center, rule=cfg.head_rule)
             else:
                 order, errors = neuron_decomposition(stats, lin.weight, center)
             curve = (errors.pow(2) / energy).cpu()  # (n+1,)
@@ -431,7 +448,7 @@ def _correct_units(linear: nn.Linear, stats: ColumnStats, given: list[int], bs: 
     if cfg.repick:
         k = len(given)
         order, errors = (neuron_decomposition(stats, linear.weight, center, k) if bs is None
-                         else head_decomposition(stats, linear.weight, bs, center, k))
+                         else head_decomposition(stats, linear.weight, bs, center, k, cfg.head_rule))
         keep = order[:k].cpu()
         info["mlp_rel_err" if bs is None else "attn_rel_err"] = float(errors[k] / errors[0].clamp(min=1e-300))
     why = fold_into(linear, stats, keep if bs is None else block_columns(keep, bs), center, cfg.damping)
