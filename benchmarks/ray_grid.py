@@ -1,10 +1,10 @@
 """Serial vs Ray executor on a tiny grid: wall time ratio and CPU utilisation.
 
-    python benchmarks/ray_grid.py [--workers 2] [--out results/benchmarks/ray_grid_cpu.json]
+    python benchmarks/ray_grid.py [--workers 2] [--seq-len 128 --calib-samples 16 --eval-samples 8] [--out FILE]
 
 Grid: 4 methods (magnitude, stat, stat-uniform, fisher) x 2 budgets (0.7, 0.5) on a small random
 Llama (GQA, 4 layers, hidden 256) with Python-docs perplexity, calibration 16 windows of 128
-tokens. The same ``harness compare`` settings run once with the serial executor and once on a
+tokens by default (larger settings: the options). The same ``harness compare`` settings run once with the serial executor and once on a
 local Ray instance with ``--workers`` CPUs (one per run), in this order, in one process; each
 writes its records into its own temporary results directory, and the records are checked equal
 but for timings and host fields. CPU utilisation is the machine's (``psutil``) busy fraction over
@@ -61,6 +61,9 @@ def phase(fn, label: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "ray_grid_cpu.json"))
     args = p.parse_args()
     import ray
@@ -74,7 +77,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ray-grid-"))
     model = small_llama(tmp)
     kw = dict(methods="magnitude,stat,stat-uniform,fisher", model=str(model), budgets=[0.7, 0.5], options={},
-              seq_len=128, calib_samples=16, eval_samples=8, latency_batch=[1], latency_warmup=1,
+              seq_len=args.seq_len, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
+              latency_batch=[1], latency_warmup=1,
               latency_repeats=3, latency_min_time=0.05, leaderboard=False, reference=None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray task (one CPU per run): the same work per run
@@ -96,7 +100,8 @@ def main() -> None:
         sorted(map(json.dumps, map(strip, load_records(tmp / "ray"))))
     runs = len(load_records(tmp / "ray"))
     result = {"command": ["python", *sys.argv], "grid": "4 methods x 2 budgets + dense on a random Llama "
-              "(4 layers, hidden 256, 8 q / 2 kv heads), pydocs perplexity, 16 x 128 calibration tokens",
+              f"(4 layers, hidden 256, 8 q / 2 kv heads), pydocs perplexity, {args.calib_samples} x {args.seq_len} "
+              f"calibration tokens, {args.eval_samples} evaluation windows",
               "records": runs, "records_equal_but_timings_and_host": same, "serial": serial, "ray": fanned,
               "ray_init_s": ray_start, "wall_ratio_serial_over_ray": serial["wall_s"] / fanned["wall_s"],
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "note":
