@@ -28,16 +28,6 @@ class UnitScores:
     neurons: list[torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def query_head_masks(self, head_counts: list[int], groups: list[int]) -> list[torch.Tensor | None]:
-        """Float 0/1 masks over each layer's query heads ``(units * group,)`` (None where
-        ``query_heads`` keeps every head of the kept units)."""
-        out: list[torch.Tensor | None] = [None] * len(head_counts)
-        for layer, q in enumerate(self.query_heads or []):
-            if q is not None:
-                out[layer] = torch.zeros(head_counts[layer] * groups[layer])
-                out[layer][q] = 1.0
-        return out
-
     def check(self, head_counts: list[int], neuron_counts: list[int]) -> None:
         """Raise ValueError if the shapes do not match the model's unit counts."""
         for kind, got, want in (("heads", self.heads, head_counts), ("neurons", self.neurons, neuron_counts)):

@@ -248,7 +248,7 @@ class GemmaAdapter(LlamaAdapter):
     model_types = ("gemma", "gemma2", "gemma3_text")
 
 
-class Phi3Adapter(Adapter):
+class Phi3Adapter(LlamaAdapter):
     """Phi-3: ``qkv_proj`` holds Q, K and V rows in three blocks, ``gate_up_proj`` the gate
     then the up rows; both are viewed per block and sliced together."""
 
@@ -256,14 +256,6 @@ class Phi3Adapter(Adapter):
     model_types = ("phi3",)
     gated_mlp = True
     causal = True
-
-    def layers(self) -> nn.ModuleList:
-        return self.backbone().layers
-
-    def _dims(self) -> tuple[int, int]:
-        c = self.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return head_dim, c.num_attention_heads // c.num_key_value_heads
 
     def attn(self, layer: int) -> AttnParts:
         a = self.layers()[layer].self_attn
@@ -282,10 +274,6 @@ class Phi3Adapter(Adapter):
         n = m.down_proj.in_features
         return MlpParts([Proj(m.gate_up_proj, rows=slice(0, n)), Proj(m.gate_up_proj, rows=slice(n, 2 * n))],
                         m.down_proj)
-
-    def empty_attention(self, layer: int) -> None:
-        block = self.layers()[layer]
-        block.self_attn = EmptyAttention(block.self_attn.o_proj, "o_proj")
 
     def update_attn_attrs(self, layer: int, units: int) -> None:
         a = self.layers()[layer].self_attn
