@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import GENERIC, tiny_batches, tiny_model
+from tshrink.testing import MOE
 from tshrink.arch.families import get_adapter
 from tshrink.checkpoint import load_pruned, read_manifest, save_pruned
 from tshrink.pipeline import prune
 
-NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "modernbert", "deberta-v2") + GENERIC
+NEW = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "modernbert", "deberta-v2") + GENERIC + MOE
 ENCODERS = ("modernbert", "deberta-v2")
 
 
@@ -136,17 +137,19 @@ def test_generic_adapter_warns_once_and_refuses_a_layout_it_cannot_prune():
         get_adapter(olmo2)
 
 
-def test_known_unsupported_families_say_why():
+def test_known_unsupported_families_say_why(monkeypatch):
     import transformers as tf
 
+    from tshrink.arch import catalog
     from tshrink.arch.families import unsupported_reasons
 
-    moe = tf.MixtralModel(tf.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                           num_key_value_heads=2, intermediate_size=48, num_local_experts=4,
-                                           vocab_size=97))
-    with pytest.raises(ValueError, match="unsupported architecture 'mixtral'.*experts fused"):
-        get_adapter(moe)
-    assert "qwen3_moe" in unsupported_reasons()
+    assert "gemma3" in unsupported_reasons() and "mixtral" not in unsupported_reasons()
+    monkeypatch.setitem(catalog.UNSUPPORTED, "olmo2", "a reason given by the catalog")
+    olmo2 = tf.Olmo2Model(tf.Olmo2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=48, vocab_size=97,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    with pytest.raises(ValueError, match="unsupported architecture 'olmo2'.*a reason given by the catalog"):
+        get_adapter(olmo2)
 
 
 @pytest.mark.parametrize("types", [["c2p"], ["p2c", "c2p"]])
@@ -191,15 +194,17 @@ def test_catalog_matches_the_adapters_and_imports_no_torch():
     from tshrink.arch.families import ADAPTERS
 
     assert {cls.family: tuple(cls.model_types) for cls in ADAPTERS} == {f: t for f, (t, _) in FAMILIES.items()}
-    assert any(r["model types"] == "mixtral" and "fused" in r["notes"] for r in architecture_rows())
+    assert any("mixtral" in r["model types"] and r["structured pruning"] == "yes" and "top-k experts" in r["notes"]
+               for r in architecture_rows())
+    assert any(r["model types"] == "gemma3" and r["structured pruning"] == "no" for r in architecture_rows())
     code = ("import sys\nfrom tshrink.arch.catalog import architecture_rows\narchitecture_rows()\n"
             "assert 'torch' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "olmo2"])
-def test_harness_prune_refuses_with_the_reason_before_loading(arch, tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["known", "olmo2"])
+def test_harness_prune_refuses_with_the_reason_before_loading(arch, tmp_path, capsys, monkeypatch):
     """A refused family is one clear line from ``harness prune``: known refusals from the config
     before loading; the generic adapter's numerical check once the model is loaded, before
     calibration and scoring."""
@@ -211,14 +216,18 @@ def test_harness_prune_refuses_with_the_reason_before_loading(arch, tmp_path, ca
     tokenizer = byte_bpe_tokenizer(["some calibration text for a tiny model " * 20])
     common = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=48, vocab_size=len(tokenizer), pad_token_id=1, bos_token_id=0, eos_token_id=0)
-    cfg = (tf.MixtralConfig(num_local_experts=4, **common) if arch == "mixtral" else tf.Olmo2Config(**common))
+    if arch == "known":  # a model type the catalog refuses (as it refuses Gemma 3 with its vision tower)
+        from tshrink.arch import catalog
+
+        monkeypatch.setitem(catalog.UNSUPPORTED, "olmo2", "its q/k norms span all heads (catalog reason)")
+    cfg = tf.Olmo2Config(**common)
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     rc, err = run_cli(["prune", "--method", "magnitude", "--model", str(tmp_path / "tiny"), "--flops", "0.5",
                        "--output", str(tmp_path / "out"), "--calib-samples", "4", "--seq-len", "16"], capsys)
     assert rc == 2, err
-    if arch == "mixtral":
-        assert "(mixtral) has none" in err and "experts fused" in err and "Loading weights" not in err, err
+    if arch == "known":
+        assert "(olmo2) has none" in err and "catalog reason" in err and "Loading weights" not in err, err
     else:
         assert "unsupported architecture 'olmo2'" in err and "masked-vs-pruned check" in err, err
     assert not (tmp_path / "out").exists()

@@ -12,14 +12,17 @@ from tshrink.units import Selection
 
 
 def _random_selection(adapter, seed: int = 0) -> Selection:
-    """Non-uniform widths; layer 1 loses every head, layer 2 every neuron."""
+    """Non-uniform widths; layer 1 loses every head, layer 2 every neuron (mixture-of-experts
+    layers: a random count kept in every expert, each expert its own random neurons)."""
     g = torch.Generator().manual_seed(seed)
     heads, neurons = [], []
     for layer, (h, n) in enumerate(zip(adapter.head_counts(), adapter.neuron_counts())):
+        E = adapter.experts(layer) or 1
         kh = 0 if layer == 1 else int(torch.randint(1, h + 1, (1,), generator=g))
-        kn = 0 if layer == 2 else int(torch.randint(1, n, (1,), generator=g))
+        kn = 0 if layer == 2 else int(torch.randint(1, n // E, (1,), generator=g))
         heads.append(torch.randperm(h, generator=g)[:kh].tolist())
-        neurons.append(torch.randperm(n, generator=g)[:kn].tolist())
+        per = n // E
+        neurons.append([e * per + i for e in range(E) for i in torch.randperm(per, generator=g)[:kn].tolist()])
     return Selection(heads, neurons)
 
 

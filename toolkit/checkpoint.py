@@ -52,7 +52,10 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
     except ValueError:  # not prunable here (e.g. a quantized encoder-decoder): full shapes
         widths, family, biases = None, None, None
     with atomic_dir(path, markers=(MANIFEST,), overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # mixture-of-experts: the fused (experts, neurons, hidden) tensors as the modules hold them;
+        # transformers' "original format" splits them per expert, which load_pruned does not read
+        fused = {"save_original_format": False} if family == "moe" else {}
+        model.save_pretrained(tmp, safe_serialization=True, **fused)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest = {

@@ -12,7 +12,11 @@ Per token, one attention unit with ``g`` query heads of size ``d`` sharing one K
 costs ``hidden*d*(2g+2)`` in the projections (Q and O: ``g*d*hidden`` each, K and V:
 ``d*hidden`` each) plus ``2*g*seq_len*d`` for the scores and the weighted sum, i.e. a
 per-unit part (K, V) plus ``g`` times a per-query-head part; one MLP neuron
-costs ``2*hidden`` (``3*hidden`` for a gated MLP). Families with further attention terms
+costs ``2*hidden`` (``3*hidden`` for a gated MLP); in a mixture-of-experts layer a token runs
+only the ``top_k`` of ``E`` experts it is routed to, so one expert neuron costs
+``3*hidden*top_k/E`` per token -- exact for the layer whenever every expert keeps the same
+number of neurons, which pruning guarantees -- and the router (``hidden*E``) and a shared
+expert are width-independent (:meth:`Adapter.neuron_macs`). Families with further attention terms
 (DeBERTa's relative-position projections and scores) add them per unit through
 :meth:`Adapter.extra_macs`.
 """
@@ -54,14 +58,15 @@ class CostModel:
         self.seq_len = seq_len
         h, s = adapter.hidden_size, seq_len
         per_layer_norm, outside_norm = adapter.norm_macs_per_token()
-        neuron = s * h * (3 if adapter.gated_mlp else 2)
         self.layers: list[LayerCost] = []
         for layer in range(adapter.num_layers):
             p = adapter.attn(layer)
             d, g = p.head_dim, p.group
             extra_head, extra_fixed = adapter.extra_macs(layer, s)
             kv, query_head = 2 * s * h * d + extra_head, 2 * s * h * d + 2 * s * s * d
-            self.layers.append(LayerCost(head=kv + g * query_head, neuron=neuron, fixed=s * per_layer_norm + extra_fixed,
+            neuron, mlp_fixed = adapter.neuron_macs(layer, s)
+            self.layers.append(LayerCost(head=kv + g * query_head, neuron=neuron,
+                                         fixed=s * per_layer_norm + extra_fixed + mlp_fixed,
                                          kv=kv, query_head=query_head))
         self.outside = s * outside_norm + adapter.outside_extra_macs(s)
         self.groups = adapter.group_sizes()

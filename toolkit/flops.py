@@ -49,6 +49,14 @@ def measure_flops(model: nn.Module, seq_len: int, *, batch_size: int = 1) -> dic
     ids = torch.arange(batch_size * seq_len, device=param.device).reshape(batch_size, seq_len) % vocab
     was_training = backbone.training
     backbone.eval()
+    # mixture-of-experts: fvcore counts the eager per-expert matmuls (what runs for this input's
+    # routing), not the fused grouped_mm kernels, so the experts run eagerly while traced
+    cfg = backbone.config
+    experts_impl = getattr(cfg, "_experts_implementation", None)
+    moe = experts_impl not in (None, "eager") and any(hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")
+                                                      for m in backbone.modules())
+    if moe:
+        cfg._experts_implementation = "eager"
     try:
         with torch.no_grad():
             fa = FlopCountAnalysis(_Backbone(backbone), (ids,))
@@ -59,6 +67,8 @@ def measure_flops(model: nn.Module, seq_len: int, *, batch_size: int = 1) -> dic
             by_op = {k: int(v) for k, v in sorted(fa.by_operator().items())}
     finally:
         backbone.train(was_training)
+        if moe:
+            cfg._experts_implementation = experts_impl
     return {
         "total": total,
         "per_sequence": total // batch_size,

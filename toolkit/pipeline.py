@@ -26,7 +26,7 @@ from .progress import tracked
 from .placement import Placement, place_model
 from .registry import Registry, Source
 from .spec import MethodSpec
-from .surgery import apply_selection
+from .surgery import apply_selection, check_experts
 from .units import Selection, TransformResult, UnitScores
 
 T = TypeVar("T")
@@ -223,12 +223,30 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
             with stage.guard("score", recipe.score):
                 scores.check(*counts)
         timings[f"score:{recipe.score}"] = time.perf_counter() - t
+        experts = [adapter.experts(layer) for layer in range(adapter.num_layers)]
+
+        def per_expert(sel: Selection, kind: str, name: str) -> Selection:
+            """Mixture-of-experts layers: the same count in every expert (recorded when changed)."""
+            if all(e is None for e in experts):
+                return sel
+            from .selection import equalize_experts
+
+            with stage.guard(kind, name):
+                sel, changed = equalize_experts(sel, scores.neurons, experts)
+                check_experts(adapter, sel)
+            if changed:
+                ctx.report.setdefault("experts_equalized", []).append(
+                    {"after": f"{kind}:{name}", "layers": {str(layer): {"kept_per_expert": c, "k": k}
+                                                           for layer, (c, k) in changed.items()}})
+            return sel
+
         t = time.perf_counter()
-        selection = stage("select", recipe.select, check=fits, scores=scores)
+        selection = per_expert(stage("select", recipe.select, check=fits, scores=scores), "select", recipe.select)
         timings[f"select:{recipe.select}"] = time.perf_counter() - t
         for name in recipe.refine:
             t = time.perf_counter()
-            selection = stage("refine", name, check=fits, scores=scores, selection=selection)
+            selection = per_expert(stage("refine", name, check=fits, scores=scores, selection=selection),
+                                   "refine", name)
             timings[f"refine:{name}"] = time.perf_counter() - t
         for name in recipe.correct:
             t = time.perf_counter()
@@ -236,6 +254,7 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
 
             def narrower(sel: Selection, widths: dict[str, list[int]] = widths) -> None:
                 sel.check(*counts)
+                check_experts(adapter, sel)  # a corrector must keep equal counts per expert itself
                 new = sel.widths()
                 if any(a > b for k in widths for a, b in zip(new[k], widths[k])):
                     raise ValueError(f"a correct stage may only narrow layers; it widened them: {widths} -> {new}")

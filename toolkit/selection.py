@@ -13,6 +13,9 @@ available to any plugin:
 
 :func:`keep_query_heads` adds query-head units under grouped-query attention to a selection:
 ``g'`` best-scored query heads in every kept KV group of a layer.
+
+:func:`equalize_experts` makes a selection valid for mixture-of-experts layers (the same
+number of neurons kept in every expert): the host applies it after every select / refine stage.
 """
 from __future__ import annotations
 
@@ -98,3 +101,29 @@ def keep_query_heads(selection: Selection, scores: list[torch.Tensor], groups: l
         s = s.double().reshape(-1, g)  # (units, group)
         query.append(sorted(u * g + int(j) for u in kept for j in torch.sort(-s[u], stable=True).indices[:k]))
     return Selection(selection.heads, selection.neurons, query)
+
+
+def equalize_experts(selection: Selection, neuron_scores: list[torch.Tensor],
+                     experts: list[int | None]) -> tuple[Selection, dict[int, tuple[list[int], int]]]:
+    """``selection`` with, in every mixture-of-experts layer ``l`` (``experts[l]`` routed experts of
+    ``n / E`` neurons each), ``k = floor(kept / E)`` neurons per expert: the layer's kept count
+    decides ``k`` (aggregated over experts), each expert then keeps its own ``k`` best-scored
+    neurons (ties: lower index). In such a layer every neuron costs the same, so the cost never
+    rises. Returns the selection and, per changed layer, (kept per expert before, ``k``)."""
+    neurons, changed = [], {}
+    for layer, (kept, s, E) in enumerate(zip(selection.neurons, neuron_scores, experts)):
+        if E is None:
+            neurons.append(kept)
+            continue
+        per = s.numel() // E
+        counts = [0] * E
+        for i in kept:
+            counts[i // per] += 1
+        k = len(kept) // E
+        if len(set(counts)) == 1:
+            neurons.append(kept)
+            continue
+        s = s.double().reshape(E, per)
+        neurons.append(sorted(e * per + int(j) for e in range(E) for j in torch.sort(-s[e], stable=True).indices[:k]))
+        changed[layer] = (counts, k)
+    return Selection(selection.heads, neurons, selection.query_heads), changed

@@ -149,6 +149,9 @@ def prune_neurons(adapter: Adapter, layer: int, keep: list[int]) -> None:
     keep = sorted(set(int(i) for i in keep))
     if keep == list(range(parts.neurons)):
         return
+    if adapter.experts(layer) is not None:  # mixture-of-experts: fused 3-D expert tensors
+        adapter.prune_mlp(layer, keep)  # type: ignore[attr-defined]
+        return
     block = adapter.layers()[layer]
     index = torch.as_tensor(keep, dtype=torch.long)
     _keep(block, [(linear, index) for linear in parts.inputs], dim=0)
@@ -160,6 +163,7 @@ def apply_selection(adapter: Adapter, selection: Selection) -> None:
     """Physically remove every unit outside ``selection`` (in place): whole units, then the
     query heads that ``selection.query_heads`` drops inside the kept ones."""
     selection.check(adapter.head_counts(), adapter.neuron_counts())
+    check_experts(adapter, selection)  # validate before anything is removed
     groups = adapter.group_sizes()
     if selection.query_heads is not None:
         selection.group_sizes(groups)  # validate before anything is removed
@@ -182,7 +186,30 @@ def shrink_to_widths(adapter: Adapter, widths: dict[str, list[int]]) -> None:
     if "group" in widths:
         dense = adapter.group_sizes()
         query = [[u * g0 + j for u in h for j in range(g)] for h, g, g0 in zip(heads, widths["group"], dense)]
-    apply_selection(adapter, Selection(heads, [list(range(n)) for n in widths["neurons"]], query))
+    neurons = [adapter.first_neurons(layer, n) for layer, n in enumerate(widths["neurons"])]
+    apply_selection(adapter, Selection(heads, neurons, query))
+
+
+def check_experts(adapter: Adapter, selection: Selection) -> None:
+    """ValueError unless every mixture-of-experts layer keeps the same number of neurons in
+    each of its experts."""
+    from .arch.moe import check_expert_counts
+
+    for layer in range(adapter.num_layers):
+        E = adapter.experts(layer)
+        if E is not None:
+            check_expert_counts(selection.neurons[layer], E, adapter.mlp(layer).neurons // E, layer)
+
+
+def write_columns(proj, cols: torch.Tensor, values: torch.Tensor) -> None:
+    """Set columns ``cols`` of ``proj``'s weight (Linear orientation) to ``values`` (out, |cols|),
+    in the model's own storage (mixture-of-experts down projections are virtual views)."""
+    if hasattr(proj, "write_columns"):
+        proj.write_columns(cols, values)
+        return
+    W = proj.weight
+    with torch.no_grad():
+        W[:, cols.to(W.device)] = values.to(W.device, W.dtype)
 
 
 def add_output_bias(adapter: Adapter, layer: int, kind: str, delta: torch.Tensor) -> None:
@@ -190,6 +217,8 @@ def add_output_bias(adapter: Adapter, layer: int, kind: str, delta: torch.Tensor
     (``kind="attn"``) or MLP down projection (``kind="mlp"``), creating the bias if the
     Linear has none."""
     linear = _output_linear(adapter, layer, kind)
+    if kind == "mlp" and adapter.experts(layer) is not None:
+        raise ValueError(f"layer {layer}: a mixture-of-experts block has no output bias to add to")
     delta = delta.detach().reshape(-1)
     if delta.shape != (linear.out_features,):
         raise ValueError(f"bias for layer {layer} {kind}: shape {tuple(delta.shape)}, expected ({linear.out_features},)")
@@ -202,7 +231,8 @@ def add_output_bias(adapter: Adapter, layer: int, kind: str, delta: torch.Tensor
 
 def output_bias_flags(adapter: Adapter) -> dict[str, list[bool]]:
     """Per layer, whether the attention output projection / MLP down projection has a bias."""
-    return {kind: [_output_linear(adapter, layer, kind).bias is not None for layer in range(adapter.num_layers)]
+    return {kind: [getattr(_output_linear(adapter, layer, kind), "bias", None) is not None
+                   for layer in range(adapter.num_layers)]
             for kind in ("attn", "mlp")}
 
 

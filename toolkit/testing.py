@@ -24,8 +24,11 @@ import torch
 
 #: Families with an adapter (and two served by the generic decoder adapter); Llama-style ones use
 #: grouped-query attention (4 query / 2 KV heads), Gemma 3 multi-query attention (one KV head).
+#: mixture-of-experts decoders (4 experts of 24 neurons, top-2 routing; Qwen2-MoE with a shared expert
+#: and a dense middle layer)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt",
-            "granite", "starcoder2")
+            "granite", "starcoder2") + MOE
 #: families without a reviewed adapter, served by the generic decoder adapter
 GENERIC = ("granite", "starcoder2")
 FAMILIES = ("bert", "roberta", "distilbert", "modernbert", "deberta-v2") + DECODERS
@@ -99,6 +102,17 @@ def tiny_model(family: str, head: str = "base", seed: int = 0, vocab_size: int =
     elif family == "starcoder2":  # LayerNorms, biases, plain c_fc / c_proj MLP
         cfg = tf.Starcoder2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                                   intermediate_size=48, bos_token_id=1, eos_token_id=2, **common)
+    elif family == "mixtral":
+        cfg = tf.MixtralConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **common)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], **common)
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                                num_experts_per_tok=2, norm_topk_prob=True, **common)
     elif family == "phi3":
         cfg = tf.Phi3Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)

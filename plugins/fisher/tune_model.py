@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from tshrink.arch.base import Adapter
+from tshrink.surgery import write_columns
 from tshrink.calibration import CalibrationData, LayerStream
 from tshrink.progress import Track, untracked
 from tshrink.masking import soft_masks
@@ -73,7 +74,8 @@ from .tuning import BOUNDS, DAMP, tune_scales_gram
 MLP_RESIDUAL = {"bert": "mlp_input", "deberta-v2": "mlp_input", "distilbert": "mlp_input",
                 "llama": "output_minus_mlp",
                 "phi3": "output_minus_mlp", "gpt2": "output_minus_mlp", "gpt_neox": "output_minus_mlp",
-                "modernbert": "output_minus_mlp", "gemma": "none"}
+                "modernbert": "output_minus_mlp", "gemma": "none",
+                "moe": "output_minus_mlp"}  # MoE: the residual plus the shared expert (not masked)
 #: families whose sequence classifier reads the first token (pooler / [CLS]): cls_only applies
 CLS_FAMILIES = frozenset({"bert", "distilbert"})
 
@@ -316,5 +318,6 @@ def fold_scales(adapter: Adapter, selection: Selection, head_masks: list[Tensor]
                 attn.o.weight[:, cols] *= scale
             kept_n = torch.tensor(selection.neurons[layer], dtype=torch.long)
             if kept_n.numel():
-                w = mlp.out.weight
-                w[:, kept_n.to(w.device)] *= nm[kept_n].to(w)  # (hidden, k)
+                w = mlp.out.weight  # a copy for a mixture-of-experts layer: written back below
+                cols = kept_n.to(w.device)
+                write_columns(mlp.out, cols, w[:, cols] * nm[kept_n].to(w))  # (hidden, k)

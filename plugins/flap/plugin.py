@@ -110,10 +110,15 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
         removed_m = _complement(torch.as_tensor(selection.neurons[layer], dtype=torch.long), m.out.in_features)
         deltas.append((compensation_bias(a.o.weight, attn[layer].mean, removed_a),
                        compensation_bias(m.out.weight, mlp[layer].mean, removed_m)))
+    moe = [layer for layer in range(adapter.num_layers) if adapter.experts(layer) is not None]
     for layer, (da, dm) in enumerate(deltas):  # after all statistics: they stay those of the unpruned model
         add_output_bias(adapter, layer, "attn", da)
-        add_output_bias(adapter, layer, "mlp", dm)
+        if layer not in moe:
+            add_output_bias(adapter, layer, "mlp", dm)
     ctx.report["flap-bias"] = {"layers": adapter.num_layers, "tokens": attn[0].tokens if attn else 0}
+    if moe:  # the experts (stored as fused 3-D tensors) have no output bias to hold the compensation
+        ctx.report["flap-bias"]["deviations"] = [f"mixture-of-experts layers {moe}: no MLP bias compensation "
+                                                 "(the MoE block has no output bias); attention compensated"]
     return selection
 
 

@@ -53,6 +53,10 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     from .collect import collect_weight_grads, layer_linears
     from .taylor import head_importance, neuron_importance, salience
 
+    moe = [layer for layer in range(ctx.adapter.num_layers) if ctx.adapter.experts(layer) is not None]
+    if moe:
+        raise ValueError(f"LLM-Pruner's Taylor importance of mixture-of-experts layers {moe} is not implemented "
+                         "(the experts' weights are fused 3-D tensors; the reference code prunes dense LLMs only)")
     grads, acc = collect_weight_grads(ctx.adapter, ctx.calib, device=ctx.device)
     mode = options["llm_pruner_taylor"]
     heads, neurons = [], []

@@ -73,6 +73,10 @@ def unstructured_prune(adapter: Adapter, sparsity: float) -> dict[str, float]:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity!r} is outside [0, 1)")
     linears = prunable_linears(adapter)
+    views = sorted({name for name, lin in linears if getattr(lin, "read_only", False) or hasattr(lin, "write_columns")})
+    if views:
+        raise ValueError(f"unstructured magnitude pruning of mixture-of-experts weights ({views[0]}, ...) is not "
+                         "implemented")
     mags = torch.cat([lin.weight.detach().abs().flatten().float().cpu() for _, lin in linears])
     n_prune = int(round(sparsity * mags.numel()))
     mask = torch.ones(mags.numel(), dtype=torch.bool)

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from tshrink.arch.base import Adapter
+from tshrink.surgery import write_columns
 from tshrink.calibration import CalibrationData, LayerStream
 from tshrink.cost import CostModel
 from tshrink.masking import soft_masks
@@ -227,8 +228,8 @@ def fold_into(linear: nn.Linear, stats: ColumnStats, cols: torch.Tensor, center:
         bias = linear.bias.detach().to(G.device, _F64) + W64 @ mu - Wk.to(G.device, _F64) @ mu[cols]
     if not bool(torch.isfinite(Wk).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
         return "the fitted weights are not finite"
+    write_columns(linear, cols, Wk)  # the model's own storage (MoE down projections are views)
     with torch.no_grad():
-        W[:, cols.to(W.device)] = Wk.to(W.device, W.dtype)
         if bias is not None:
             linear.bias.copy_(bias.to(linear.bias.device, linear.bias.dtype))
     return None
@@ -415,8 +416,11 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
             if cfg.sequential == "sublayer" and do_att:  # the MLP sees its pruned, corrected attention
                 _pass(stream, [(m.out, mlp)], advance=False,
                       masks=_layer_masks(adapter, layer, new_heads[layer], None))
+            moe = adapter.experts(layer) is not None  # re-picking could break equal counts per expert
+            if moe:
+                info["mlp_repick"] = "off: mixture-of-experts layer keeps the selection's neurons per expert"
             new_neurons[layer] = _correct_units(m.out, mlp, selection.neurons[layer], None, cfg, info, layer,
-                                                warnings)
+                                                warnings, repick=cfg.repick and not moe)
         if cfg.sequential != "none" and not last:
             masks = _layer_masks(adapter, layer, new_heads[layer] if do_att else None,
                                  new_neurons[layer] if do_mlp else None)
@@ -436,7 +440,7 @@ def _usable(stats: ColumnStats, layer: int, what: str, warnings: list[str]) -> b
 
 
 def _correct_units(linear: nn.Linear, stats: ColumnStats, given: list[int], bs: int | None, cfg: StatConfig,
-                   info: dict[str, Any], layer: int, warnings: list[str]) -> list[int]:
+                   info: dict[str, Any], layer: int, warnings: list[str], repick: bool | None = None) -> list[int]:
     """Re-pick (``cfg.repick``) and fold one projection: attention units of ``bs`` columns
     each (the output projection), or MLP neurons (``bs=None``, the down projection).
     Returns the kept units; on unusable statistics the incoming ``given`` untouched."""
@@ -445,7 +449,7 @@ def _correct_units(linear: nn.Linear, stats: ColumnStats, given: list[int], bs: 
         return list(given)
     center = cfg.center and linear.bias is not None
     keep = torch.as_tensor(given, dtype=torch.long)
-    if cfg.repick:
+    if cfg.repick if repick is None else repick:
         k = len(given)
         order, errors = (neuron_decomposition(stats, linear.weight, center, k) if bs is None
                          else head_decomposition(stats, linear.weight, bs, center, k, cfg.head_rule))

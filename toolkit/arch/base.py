@@ -186,6 +186,22 @@ class Adapter:
         """(per layer, outside layers) multiply-adds that fvcore counts for normalisations."""
         return 0, 0
 
+    def experts(self, layer: int) -> int | None:
+        """Routed experts of layer ``layer``'s MLP (mixture-of-experts), None for a dense MLP.
+        The MLP's neurons are then ``experts * per_expert`` (expert-major), and a selection
+        must keep the same number in every expert."""
+        return None
+
+    def neuron_macs(self, layer: int, seq_len: int) -> tuple[int | float, int]:
+        """(per MLP neuron, width-independent) multiply-adds of layer ``layer``'s MLP for one
+        sequence (mixture-of-experts: per token only the experts it is routed to run)."""
+        return seq_len * self.hidden_size * (3 if self.gated_mlp else 2), 0
+
+    def first_neurons(self, layer: int, count: int) -> list[int]:
+        """The first ``count`` neurons of layer ``layer`` (per expert for mixture-of-experts),
+        the shape a checkpoint's recorded width stands for."""
+        return list(range(count))
+
     # --- shared --------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

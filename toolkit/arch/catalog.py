@@ -19,21 +19,19 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
     "gpt2": (("gpt2",), "Conv1D (transposed) weights, fused c_attn"),
     "gpt_neox": (("gpt_neox",), "per-head interleaved query_key_value, parallel residual, partial rotary"),
     "opt": (("opt",), "pre/post-norm decoder, ReLU MLP"),
+    "moe": (("mixtral", "qwen2_moe", "qwen3_moe"), "mixture-of-experts: neurons per expert, the same count in every "
+                                                   "expert of a layer; FLOPs count the top-k experts run per token; "
+                                                   "Qwen2-MoE's shared expert kept whole"),
 }
 
 GENERIC_NOTE = ("other decoders with q_proj/k_proj/v_proj/o_proj attention and a gate/up/down (or up/down) "
                 "MLP: generic adapter, with a warning and a run-time masked == pruned check")
 
-_MOE = ("transformers 5 stores the experts fused as 3-D tensors (experts.gate_up_proj, experts.down_proj), which "
-        "cannot hold a different neuron count per expert; mixture-of-experts pruning is not implemented")
 
 #: model types that look supportable but are not, and why (shown by ``get_adapter`` / ``harness prune``)
 UNSUPPORTED: dict[str, str] = {
     "gemma3": "Gemma 3 with its vision tower (Gemma3ForConditionalGeneration) is not supported; load the text "
               "model (model_type 'gemma3_text', Gemma3ForCausalLM), which is",
-    "mixtral": _MOE,
-    "qwen2_moe": _MOE,
-    "qwen3_moe": _MOE,
 }
 
 

@@ -418,8 +418,10 @@ class ModernBertAdapter(Adapter):
         return 2 * 5 * self.hidden_size, (total - 2 * self.num_layers) * 5 * self.hidden_size
 
 
+from .moe import MoeAdapter  # noqa: E402 - subclasses LlamaAdapter, defined above
+
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, DebertaV2Adapter, DistilBertAdapter, LlamaAdapter, GemmaAdapter, Phi3Adapter,
-                                       Gpt2Adapter, GptNeoXAdapter, OptAdapter, ModernBertAdapter)
+                                       Gpt2Adapter, GptNeoXAdapter, OptAdapter, ModernBertAdapter, MoeAdapter)
 
 
 def supported_model_types() -> list[str]:
