@@ -26,7 +26,7 @@ from . import records as R
 
 FLOPS_NOTE = R.FLOPS_NOTE
 #: The steps of one run, in order (a progress bar per run counts them).
-STEPS = ("prune", "measure", "evaluate", "latency", "size")
+STEPS = ("prune", "measure", "evaluate", "latency", "generation", "size")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Settings:
     latency_repeats: int = 5
     latency_min_time: float = 0.2
     latency_threads: int | None = None
+    #: decoders: generation throughput at these batch sizes (() = none), prompt and generated tokens
+    generation_batch: tuple[int, ...] = (1, 8)
+    generation_prompt: int = 32
+    generation_tokens: int = 16
     flops_seq_len: str | int = "padded"
     command: tuple[str, ...] | None = None
     plugins: tuple[str, ...] = ()
@@ -66,6 +70,11 @@ class Settings:
         if self.batch_size < 1 or not self.latency_batch or min(self.latency_batch) < 1:
             raise ValueError(f"--batch-size and --latency-batch must be at least 1, got {self.batch_size} / "
                              f"{list(self.latency_batch)}")
+        if (self.generation_batch and min(self.generation_batch) < 1) or self.generation_prompt < 1 \
+                or self.generation_tokens < 0:
+            raise ValueError(f"--gen-batch must be positive batch sizes (or 0 for none), --gen-prompt at least 1 "
+                             f"and --gen-tokens at least 0, got {list(self.generation_batch)} / "
+                             f"{self.generation_prompt} / {self.generation_tokens}")
 
     def plan(self, pm: Any = None, *, device: str | None = None) -> Any:
         """The validated plan (:func:`.run.make_plan`); loads no model."""
@@ -140,6 +149,12 @@ class Session:
         self.plan = plan = s.plan(pm)
         t, seq = self.task, self.seq = plan.task, plan.seq_len
         self.device = device = plan.device  # resolved: cpu, cuda:N
+        max_pos = getattr(plan.config, "max_position_embeddings", None)
+        if (plan.task.model_kind == "causal" and s.generation_batch and s.generation_tokens > 0 and max_pos
+                and s.generation_prompt + s.generation_tokens > max_pos):
+            raise ValueError(f"--gen-prompt {s.generation_prompt} + --gen-tokens {s.generation_tokens} is longer "
+                             f"than model {plan.model!r}'s context ({max_pos} positions); give at most {max_pos} "
+                             f"tokens in all, or --gen-tokens 0")
         # ---- nothing was loaded before this line: every error above is cheap -----------
         hf_logging.disable_progress_bar()  # one bar per run is ours; no per-save / per-load bars
         self.dense, self.tok = load_model(plan.model, head=t.head, num_labels=t.num_labels, dtype=plan.dtype)
@@ -167,6 +182,9 @@ class Session:
                             for b in dict.fromkeys(s.latency_batch)]
         self.lat_kw = {"warmup": s.latency_warmup, "rounds": s.latency_repeats, "min_run_time": s.latency_min_time,
                        "threads": s.latency_threads}
+        self.gen_kw = (dict(self.lat_kw, batches=tuple(s.generation_batch), prompt_len=s.generation_prompt,
+                            new_tokens=s.generation_tokens, seed=s.seed)
+                       if t.model_kind == "causal" and s.generation_batch and s.generation_tokens > 0 else None)
         self._dense_ready = False
         self._dense_fv: int | None = None
         self._dense_bytes: int | None = None
@@ -213,6 +231,14 @@ class Session:
             self._dense_bytes = saved_size(self.dense)["bytes"]
         return self._dense_bytes
 
+    def _generation(self, pruned: Any, kept: float | None) -> dict[str, Any] | None:
+        """Decoders: :func:`.generation.generation_record` of dense vs ``pruned`` (None: the dense row)."""
+        if self.gen_kw is None:
+            return None
+        from .generation import generation_record
+
+        return generation_record(self.dense, pruned, self.device, flops_kept=kept, **self.gen_kw)
+
     def dense_record(self) -> dict[str, Any]:
         from .measure import bits_per_weight, latency_record, saved_size
 
@@ -231,6 +257,7 @@ class Session:
             flops={"fvcore": fv, "fvcore_dense": fv, "kept": 1.0, "analytic_kept": 1.0, "seq_len": self.seq},
             params=params, params_dense=params,
             latency=latency_record(dense, None, self.lat_batches, self.device, **self.lat_kw),
+            generation=self._generation(None, None),
             size=dict(size, dense_bytes=size["bytes"], compression_ratio=1.0,
                       bits_per_weight=bits_per_weight(dense, None)),
             prune={"time_s": 0.0}))
@@ -282,6 +309,8 @@ class Session:
             where[0] = "measure"
             step("latency")
             lat = latency_record(self.dense, net, self.lat_batches, self.device, flops_kept=kept, **self.lat_kw)
+            step("generation")
+            gen = self._generation(net, kept)
             step("size")
             size, dense_bytes = saved_size(net, res.compressed), self.dense_bytes()
         except Exception as err:  # noqa: BLE001 - one failing method never stops the others
@@ -297,7 +326,7 @@ class Session:
                    "analytic_kept": res.report["flops_kept"], "seq_len": self.seq, "priced_seq_len": self.price_len,
                    "pricing": self.price_desc, "analytic_kept_padded": analytic_kept(self.dense, res.model, self.seq)},
             params=res.report["params_after"], params_dense=res.report["params_before"],
-            latency=lat,
+            latency=lat, generation=gen,
             size=dict(size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / max(size["bytes"], 1),
                       bits_per_weight=bits_per_weight(res.model, res.report["transforms"])),
             prune={"time_s": prune_time, "timings_s": timings, "widths": res.report["widths_after"],
@@ -327,6 +356,7 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
             latency_batch: int | list[int] | None = None, latency_warmup: int = 2, latency_repeats: int = 5,
             latency_min_time: float = 0.2, latency_threads: int | None = None, flops_seq_len: str | int = "padded",
+            generation_batch: int | list[int] | None = None, generation_prompt: int = 32, generation_tokens: int = 16,
             leaderboard: bool = True, command: list[str] | None = None, pm: Any = None,
             plugins: tuple[str, ...] = (), reference: str | None = None, executor: str = "serial",
             ray_address: str | None = None, gpus_per_run: float = 0, cpus_per_run: float = 1) -> list[dict[str, Any]]:
@@ -334,6 +364,9 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
 
     A run that fails (in any stage, its evaluation or its measurement) becomes a record with
     ``status: "failed"``, the stage and the error; the other runs go on; a re-run retries it.
+    generation_batch / generation_prompt / generation_tokens: decoders' generation throughput (KV cache,
+    :mod:`.generation`) at these batch sizes (None: :func:`.generation.default_generation_batches`, 0 or
+    [] or generation_tokens=0: not measured), from a prompt of that many tokens, generating that many.
     latency_batch: batch size(s) of the latency measurement (None: :func:`default_latency_batches`; dense and pruned timed
     interleaved in the run's process, see ``measure.latency_record``); flops_seq_len: the
     sequence length the FLOPs budget is priced at: "padded" (--seq-len), "avg" (the
@@ -348,6 +381,11 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     from .leaderboard import build, render_group
 
     sizes = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch or default_latency_batches(device))
+    from .generation import default_generation_batches
+
+    gen_sizes = ((generation_batch,) if isinstance(generation_batch, int) else
+                 tuple(generation_batch) if generation_batch is not None else default_generation_batches(device))
+    gen_sizes = () if gen_sizes == (0,) else gen_sizes  # 0: not measured
     settings = Settings(methods=methods, model=model, budgets=tuple(budgets), options=tuple(sorted(options.items())),
                         calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len, data_dir=data_dir,
                         device=device, dtype=dtype, seed=seed, task=task, lmeval_include=lmeval_include,
@@ -355,6 +393,8 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
                         num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         latency_batch=sizes, latency_warmup=latency_warmup, latency_repeats=latency_repeats,
                         latency_min_time=latency_min_time, latency_threads=latency_threads,
+                        generation_batch=gen_sizes, generation_prompt=generation_prompt,
+                        generation_tokens=generation_tokens,
                         flops_seq_len=flops_seq_len, command=tuple(command) if command else None,
                         plugins=tuple(plugins))
     settings.check()
