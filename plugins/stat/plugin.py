@@ -98,9 +98,10 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
         return None
     from .prune import StatConfig, stat_scores
 
-    return stat_scores(ctx.adapter, ctx.calib, StatConfig.from_options(options, ctx.seed), device=ctx.device,
+    cfg = StatConfig.from_options(options, ctx.seed)
+    return stat_scores(ctx.adapter, ctx.calib, cfg, device=ctx.device,
                        report=ctx.report.setdefault("stat:score", {}), track=ctx.track,
-                       stream_options=ctx.stream_options())
+                       stream_options=ctx.stream_options(), state=ctx.layer_state(cfg))
 
 
 @hookimpl
@@ -120,6 +121,8 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
         return None
     from .prune import StatConfig, stat_correct
 
-    return stat_correct(ctx.adapter, ctx.calib, selection, StatConfig.from_options(options, ctx.seed),
+    cfg = StatConfig.from_options(options, ctx.seed)
+    return stat_correct(ctx.adapter, ctx.calib, selection, cfg,
                         device=ctx.device, report=ctx.report.setdefault("stat:correct", {}), track=ctx.track,
-                        stream_options=ctx.stream_options())
+                        stream_options=ctx.stream_options(),
+                        state=ctx.layer_state([cfg, selection.heads, selection.neurons]))
