@@ -164,7 +164,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         latency_repeats=args.latency_repeats, latency_min_time=args.latency_min_time,
         latency_threads=args.latency_threads, flops_seq_len=_pricing(args.flops_seq_len),
         generation_batch=_gen_sizes(args.gen_batch), generation_prompt=args.gen_prompt,
-        generation_tokens=args.gen_tokens, leaderboard=not args.no_leaderboard, reference=reference, executor=args.executor,
+        generation_tokens=args.gen_tokens, eval_device_map=args.eval_device_map,
+        eval_max_memory=args.eval_max_memory, device_memory=args.device_memory, offload=args.offload,
+        leaderboard=not args.no_leaderboard, reference=reference, executor=args.executor,
         ray_address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
         command=["harness", *sys.argv[1:]] if args.argv is None else ["harness", *args.argv])
     return 1 if any(failed(r) for r in recs) else 0
@@ -257,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-min-time", type=float, default=0.2, help="seconds per model per round (autorange)")
     s.add_argument("--latency-threads", type=int, default=None, help="torch threads while timing (default: "
                    "torch's current count), pinned for the whole measurement and recorded")
+    s.add_argument("--eval-device-map", default=None, help="evaluate (perplexity, lm-eval) through accelerate's "
+                   "device_map dispatch: auto, balanced, balanced_low_0 or sequential over the GPUs, the CPU and the "
+                   "disk (default: the model on --device; auto under layer offload)")
+    s.add_argument("--eval-max-memory", default=None, help="with --eval-device-map: memory per device, e.g. "
+                   "0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)")
+    s.add_argument("--device-memory", default=None, help="prune placement as in `harness prune`: memory usable on "
+                   "the device; a model that does not fit keeps its layers on the host (then the evaluation is "
+                   "dispatched and latency / generation are not timed)")
+    s.add_argument("--offload", default="auto", choices=("auto", "always", "never"),
+                   help="layer-wise offload of the prune: when the model does not fit (auto), always, or never")
     s.add_argument("--gen-batch", default="auto", help="decoders: batch sizes of the generation throughput (greedy "
                    "decoding with the KV cache, dense and pruned timed interleaved as the latency), e.g. 1,32; auto "
                    "(default): 1,32 on a GPU, 1,8 on the CPU; 0: not measured")

@@ -165,7 +165,7 @@ def generation_table(recs: list[dict[str, Any]]) -> list[str]:
     record measured generation (encoders, records from before the measurement)."""
     from tabulate import tabulate
 
-    gens = [r for r in recs if not R.failed(r) and r.get("generation")]
+    gens = [r for r in recs if not R.failed(r) and (r.get("generation") or {}).get("batches")]
     if not gens:
         return []
     sizes = [b["batch_size"] for b in max((r["generation"]["batches"] for r in gens), key=len)]
