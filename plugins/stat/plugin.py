@@ -49,7 +49,8 @@ SEQUENTIAL = Option("stat_sequential", "layer", "statistics of each layer from t
                     "'layer' (2 passes per layer), 'sublayer' (the MLP also sees its layer's pruned "
                     "attention; up to 3 passes), 'none' (all from the dense model, 1 pass). Default 'layer': each "
                     "layer's fold then also corrects the drift the pruned layers before it left (the paper's "
-                    "sequential pruning) at 2 passes; 'sublayer' costs a third pass per layer",
+                    "sequential pruning) at 2 passes; 'sublayer' costs a third pass per layer and measured no better "
+                    "for either kind (SmolLM2 WikiText-2, MiniLM MRPC: results/benchmarks/stat_sequential.json)",
                     ("layer", "sublayer", "none"))
 REPICK = Option("stat_repick", True, "re-choose the units of each layer by the decomposition at the "
                 "selected width (False: keep the selector's units, only fold the correction). Default on: the "
