@@ -53,6 +53,17 @@ def _sizes(text: str) -> list[int] | None:
     return sizes
 
 
+def _gen_sizes(text: str) -> list[int] | None:
+    """--gen-batch: 'auto' (None), '0' (not measured: []) or positive batch sizes; SystemExit otherwise."""
+    if text.strip() == "0":
+        return []
+    try:
+        return _sizes(text)
+    except SystemExit:
+        raise SystemExit(f"harness: error: --gen-batch {text!r} is not 'auto', 0 or a list of positive batch "
+                         f"sizes, e.g. 1,8") from None
+
+
 def _pricing(text: str) -> str | int:
     from .run import parse_pricing
 
@@ -152,6 +163,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         latency_batch=_sizes(args.latency_batch), latency_warmup=args.latency_warmup,
         latency_repeats=args.latency_repeats, latency_min_time=args.latency_min_time,
         latency_threads=args.latency_threads, flops_seq_len=_pricing(args.flops_seq_len),
+        generation_batch=_gen_sizes(args.gen_batch), generation_prompt=args.gen_prompt,
+        generation_tokens=args.gen_tokens, eval_device_map=args.eval_device_map,
+        eval_max_memory=args.eval_max_memory, device_memory=args.device_memory, offload=args.offload,
         leaderboard=not args.no_leaderboard, reference=reference, executor=args.executor,
         ray_address=args.address, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
         command=["harness", *sys.argv[1:]] if args.argv is None else ["harness", *args.argv])
@@ -245,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-min-time", type=float, default=0.2, help="seconds per model per round (autorange)")
     s.add_argument("--latency-threads", type=int, default=None, help="torch threads while timing (default: "
                    "torch's current count), pinned for the whole measurement and recorded")
+    s.add_argument("--eval-device-map", default=None, help="evaluate (perplexity, lm-eval) through accelerate's "
+                   "device_map dispatch: auto, balanced, balanced_low_0 or sequential over the GPUs, the CPU and the "
+                   "disk (default: the model on --device; auto under layer offload)")
+    s.add_argument("--eval-max-memory", default=None, help="with --eval-device-map: memory per device, e.g. "
+                   "0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)")
+    s.add_argument("--device-memory", default=None, help="prune placement as in `harness prune`: memory usable on "
+                   "the device; a model that does not fit keeps its layers on the host (then the evaluation is "
+                   "dispatched and latency / generation are not timed)")
+    s.add_argument("--offload", default="auto", choices=("auto", "always", "never"),
+                   help="layer-wise offload of the prune: when the model does not fit (auto), always, or never")
+    s.add_argument("--gen-batch", default="auto", help="decoders: batch sizes of the generation throughput (greedy "
+                   "decoding with the KV cache, dense and pruned timed interleaved as the latency), e.g. 1,32; auto "
+                   "(default): 1,32 on a GPU, 1,8 on the CPU; 0: not measured")
+    s.add_argument("--gen-prompt", type=int, default=32, help="decoders: prompt tokens before generation (default 32)")
+    s.add_argument("--gen-tokens", type=int, default=16, help="decoders: tokens generated per sequence and timing "
+                   "(default 16; 0: not measured)")
     s.add_argument("--flops-seq-len", default="padded", help="length the FLOPs budget is priced at: padded "
                    "(--seq-len), avg (the calibration data's mean real length, as Kwon et al.'s code) or a number")
     s.add_argument("--lmeval-include", default=None, help="folder of local lm-eval task YAMLs (--task lmeval:NAME)")

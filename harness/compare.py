@@ -26,7 +26,7 @@ from . import records as R
 
 FLOPS_NOTE = R.FLOPS_NOTE
 #: The steps of one run, in order (a progress bar per run counts them).
-STEPS = ("prune", "measure", "evaluate", "latency", "size")
+STEPS = ("prune", "measure", "evaluate", "latency", "generation", "size")
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,38 @@ class Settings:
     latency_repeats: int = 5
     latency_min_time: float = 0.2
     latency_threads: int | None = None
+    #: decoders: generation throughput at these batch sizes (() = none), prompt and generated tokens
+    generation_batch: tuple[int, ...] = (1, 8)
+    generation_prompt: int = 32
+    generation_tokens: int = 16
+    #: evaluation through accelerate's device_map dispatch (None: the model on --device), its max memory
+    eval_device_map: str | None = None
+    eval_max_memory: str | None = None
+    #: the prune's placement (as ``harness prune``): usable device memory, layer offload auto|always|never
+    device_memory: str | None = None
+    offload: str = "auto"
     flops_seq_len: str | int = "padded"
     command: tuple[str, ...] | None = None
     plugins: tuple[str, ...] = ()
 
     def check(self) -> None:
         """ValueError for values no run could use (before anything is loaded)."""
+        from .dispatch import check_device_map, parse_max_memory
+
+        check_device_map(self.eval_device_map)
+        parse_max_memory(self.eval_max_memory)
+        if self.eval_max_memory and not check_device_map(self.eval_device_map):
+            raise ValueError("--eval-max-memory needs --eval-device-map (e.g. auto)")
+        if self.offload not in ("auto", "always", "never"):
+            raise ValueError(f"--offload {self.offload!r} is not one of auto, always, never")
         if self.batch_size < 1 or not self.latency_batch or min(self.latency_batch) < 1:
             raise ValueError(f"--batch-size and --latency-batch must be at least 1, got {self.batch_size} / "
                              f"{list(self.latency_batch)}")
+        if (self.generation_batch and min(self.generation_batch) < 1) or self.generation_prompt < 1 \
+                or self.generation_tokens < 0:
+            raise ValueError(f"--gen-batch must be positive batch sizes (or 0 for none), --gen-prompt at least 1 "
+                             f"and --gen-tokens at least 0, got {list(self.generation_batch)} / "
+                             f"{self.generation_prompt} / {self.generation_tokens}")
 
     def plan(self, pm: Any = None, *, device: str | None = None) -> Any:
         """The validated plan (:func:`.run.make_plan`); loads no model."""
@@ -140,13 +163,32 @@ class Session:
         self.plan = plan = s.plan(pm)
         t, seq = self.task, self.seq = plan.task, plan.seq_len
         self.device = device = plan.device  # resolved: cpu, cuda:N
+        max_pos = getattr(plan.config, "max_position_embeddings", None)
+        if (plan.task.model_kind == "causal" and s.generation_batch and s.generation_tokens > 0 and max_pos
+                and s.generation_prompt + s.generation_tokens > max_pos):
+            raise ValueError(f"--gen-prompt {s.generation_prompt} + --gen-tokens {s.generation_tokens} is longer "
+                             f"than model {plan.model!r}'s context ({max_pos} positions); give at most {max_pos} "
+                             f"tokens in all, or --gen-tokens 0")
+        from .dispatch import check_device_map, parse_max_memory
+        from .run import plan_placement_for
+
+        # on the CPU the plain path unless asked: free host memory must not silently change what is timed
+        asked = s.device_memory is not None or s.offload != "auto" or device.startswith("cuda")
+        self.placement = (plan_placement_for(plan, batch_size=s.batch_size, device_memory=s.device_memory,
+                                             offload=s.offload) if asked else None)
+        self.offloaded = bool(self.placement is not None and self.placement.layer_offload)
+        self.eval_map = check_device_map(s.eval_device_map) or ("auto" if self.offloaded else None)
+        self.eval_memory = parse_max_memory(s.eval_max_memory)
         # ---- nothing was loaded before this line: every error above is cheap -----------
         hf_logging.disable_progress_bar()  # one bar per run is ours; no per-save / per-load bars
         self.dense, self.tok = load_model(plan.model, head=t.head, num_labels=t.num_labels, dtype=plan.dtype)
-        self.dense.to(device)
+        if not self.offloaded:  # a model that does not fit stays on the host: prune streams its layers
+            self.dense.to(device)
         model_hash = R.hash_tensors(self.dense)
         self.record_settings = {"seq_len": seq, "eval_samples": plan.eval_samples, "batch_size": s.batch_size,
                                 "device": device}
+        if self.eval_map:  # how the evaluation was placed (same figures as the plain path: tested)
+            self.record_settings["eval_device_map"] = {"map": self.eval_map, "max_memory": s.eval_max_memory}
         self.calib = build_calibration(plan, self.tok, seed=s.seed, batch_size=s.batch_size)
         self.calib_desc = (R.jsonable(self.calib.describe() | {"hash": R.hash_calibration(self.calib), "seed": s.seed})
                            if self.calib else None)
@@ -167,6 +209,9 @@ class Session:
                             for b in dict.fromkeys(s.latency_batch)]
         self.lat_kw = {"warmup": s.latency_warmup, "rounds": s.latency_repeats, "min_run_time": s.latency_min_time,
                        "threads": s.latency_threads}
+        self.gen_kw = (dict(self.lat_kw, batches=tuple(s.generation_batch), prompt_len=s.generation_prompt,
+                            new_tokens=s.generation_tokens, seed=s.seed)
+                       if t.model_kind == "causal" and s.generation_batch and s.generation_tokens > 0 else None)
         self._dense_ready = False
         self._dense_fv: int | None = None
         self._dense_bytes: int | None = None
@@ -213,13 +258,45 @@ class Session:
             self._dense_bytes = saved_size(self.dense)["bytes"]
         return self._dense_bytes
 
+    def _evaluate(self, model: Any) -> Any:
+        """The task's evaluation on ``model``: on the device, or (``--eval-device-map``, and always under
+        layer offload) dispatched by accelerate over the devices, the CPU and the disk."""
+        if not self.eval_map:
+            return self.task.evaluate(model, self.tok, **self.eval_kw)
+        from .dispatch import dispatched
+
+        if self.offloaded:  # the prune left the layers on the host and the rest on the device
+            model.to("cpu")
+        with dispatched(model, self.eval_map, self.eval_memory) as info:
+            ev = self.task.evaluate(model, self.tok, **dict(self.eval_kw, device=info["input_device"]))
+        ev.info["dispatch"] = {k: info[k] for k in ("engine", "input_device", "disk_modules")} | {
+            "devices": sorted(set(info["device_map"].values()))}
+        return ev
+
+    def _latency(self, pruned: Any, kept: float | None) -> dict[str, Any]:
+        from .measure import latency_record
+
+        if self.offloaded:
+            return {"skipped": "the model does not fit on the device (layer offload): not timed"}
+        return latency_record(self.dense, pruned, self.lat_batches, self.device, flops_kept=kept, **self.lat_kw)
+
+    def _generation(self, pruned: Any, kept: float | None) -> dict[str, Any] | None:
+        """Decoders: :func:`.generation.generation_record` of dense vs ``pruned`` (None: the dense row)."""
+        if self.gen_kw is None:
+            return None
+        if self.offloaded:
+            return {"skipped": "the model does not fit on the device (layer offload): not timed"}
+        from .generation import generation_record
+
+        return generation_record(self.dense, pruned, self.device, flops_kept=kept, **self.gen_kw)
+
     def dense_record(self) -> dict[str, Any]:
         from .measure import bits_per_weight, latency_record, saved_size
 
         self._ready()
         t, dense, fv = self.task, self.dense, self._dense_fv
         start = time.perf_counter()
-        ev = t.evaluate(dense, self.tok, **self.eval_kw)
+        ev = self._evaluate(dense)
         size = saved_size(dense)
         self._dense_bytes = size["bytes"]
         params = sum(p.numel() for p in dense.parameters())
@@ -230,7 +307,7 @@ class Session:
             evaluation=dict(ev.info, time_s=time.perf_counter() - start),
             flops={"fvcore": fv, "fvcore_dense": fv, "kept": 1.0, "analytic_kept": 1.0, "seq_len": self.seq},
             params=params, params_dense=params,
-            latency=latency_record(dense, None, self.lat_batches, self.device, **self.lat_kw),
+            latency=self._latency(None, None), generation=self._generation(None, None),
             size=dict(size, dense_bytes=size["bytes"], compression_ratio=1.0,
                       bits_per_weight=bits_per_weight(dense, None)),
             prune={"time_s": 0.0}))
@@ -262,6 +339,7 @@ class Session:
             start = time.perf_counter()
             res = prune(net, spec, run.budget, calib=self.calib, seq_len=self.price_len,
                         options=plan.options[spec.name], pm=plan.pm, device=self.device, seed=s.seed,
+                        placement=self.placement,
                         progress=progress, scores=scores[0] if scores else None)
             prune_time = time.perf_counter() - start
             timings = res.report["timings_s"]
@@ -277,11 +355,13 @@ class Session:
             where[0] = "evaluate"
             step("evaluate")
             start = time.perf_counter()
-            ev = self.task.evaluate(net, self.tok, **self.eval_kw)
+            ev = self._evaluate(net)
             eval_time = time.perf_counter() - start
             where[0] = "measure"
             step("latency")
-            lat = latency_record(self.dense, net, self.lat_batches, self.device, flops_kept=kept, **self.lat_kw)
+            lat = self._latency(net, kept)
+            step("generation")
+            gen = self._generation(net, kept)
             step("size")
             size, dense_bytes = saved_size(net, res.compressed), self.dense_bytes()
         except Exception as err:  # noqa: BLE001 - one failing method never stops the others
@@ -297,7 +377,7 @@ class Session:
                    "analytic_kept": res.report["flops_kept"], "seq_len": self.seq, "priced_seq_len": self.price_len,
                    "pricing": self.price_desc, "analytic_kept_padded": analytic_kept(self.dense, res.model, self.seq)},
             params=res.report["params_after"], params_dense=res.report["params_before"],
-            latency=lat,
+            latency=lat, generation=gen,
             size=dict(size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / max(size["bytes"], 1),
                       bits_per_weight=bits_per_weight(res.model, res.report["transforms"])),
             prune={"time_s": prune_time, "timings_s": timings, "widths": res.report["widths_after"],
@@ -327,13 +407,21 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
             num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 8,
             latency_batch: int | list[int] | None = None, latency_warmup: int = 2, latency_repeats: int = 5,
             latency_min_time: float = 0.2, latency_threads: int | None = None, flops_seq_len: str | int = "padded",
-            leaderboard: bool = True, command: list[str] | None = None, pm: Any = None,
+            generation_batch: int | list[int] | None = None, generation_prompt: int = 32, generation_tokens: int = 16,
+            eval_device_map: str | None = None, eval_max_memory: str | None = None, device_memory: str | None = None,
+            offload: str = "auto", leaderboard: bool = True, command: list[str] | None = None, pm: Any = None,
             plugins: tuple[str, ...] = (), reference: str | None = None, executor: str = "serial",
             ray_address: str | None = None, gpus_per_run: float = 0, cpus_per_run: float = 1) -> list[dict[str, Any]]:
     """Run (or resume) every method x budget; print the tables; return the records.
 
     A run that fails (in any stage, its evaluation or its measurement) becomes a record with
     ``status: "failed"``, the stage and the error; the other runs go on; a re-run retries it.
+    generation_batch / generation_prompt / generation_tokens: decoders' generation throughput (KV cache,
+    :mod:`.generation`) at these batch sizes (None: :func:`.generation.default_generation_batches`, 0 or
+    [] or generation_tokens=0: not measured), from a prompt of that many tokens, generating that many.
+    eval_device_map / eval_max_memory: evaluate through accelerate's dispatch (:mod:`.dispatch`);
+    device_memory / offload: the prune's placement as in ``harness prune`` (layer offload when the
+    model does not fit: the evaluation is then dispatched, latency and generation not timed).
     latency_batch: batch size(s) of the latency measurement (None: :func:`default_latency_batches`; dense and pruned timed
     interleaved in the run's process, see ``measure.latency_record``); flops_seq_len: the
     sequence length the FLOPs budget is priced at: "padded" (--seq-len), "avg" (the
@@ -348,6 +436,11 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
     from .leaderboard import build, render_group
 
     sizes = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch or default_latency_batches(device))
+    from .generation import default_generation_batches
+
+    gen_sizes = ((generation_batch,) if isinstance(generation_batch, int) else
+                 tuple(generation_batch) if generation_batch is not None else default_generation_batches(device))
+    gen_sizes = () if gen_sizes == (0,) else gen_sizes  # 0: not measured
     settings = Settings(methods=methods, model=model, budgets=tuple(budgets), options=tuple(sorted(options.items())),
                         calib_samples=calib_samples, eval_samples=eval_samples, seq_len=seq_len, data_dir=data_dir,
                         device=device, dtype=dtype, seed=seed, task=task, lmeval_include=lmeval_include,
@@ -355,6 +448,9 @@ def compare(*, methods: str | None, model: str | None, budgets: list[float], opt
                         num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         latency_batch=sizes, latency_warmup=latency_warmup, latency_repeats=latency_repeats,
                         latency_min_time=latency_min_time, latency_threads=latency_threads,
+                        generation_batch=gen_sizes, generation_prompt=generation_prompt,
+                        generation_tokens=generation_tokens, eval_device_map=eval_device_map,
+                        eval_max_memory=eval_max_memory, device_memory=device_memory, offload=offload,
                         flops_seq_len=flops_seq_len, command=tuple(command) if command else None,
                         plugins=tuple(plugins))
     settings.check()

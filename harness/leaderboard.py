@@ -149,6 +149,7 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
               f"{R.SIZE_NOTE}. prune s: what one prune at that budget alone costs; `harness compare` "
               "scores each method once and reuses the scores for its other budgets, and counts that "
               "score time in every row.", ""]
+    lines += generation_table(recs)
     failures = [r for r in recs if R.failed(r)]
     if failures:
         lines += ["Failed runs (a re-run of the same command retries them):", ""]
@@ -156,6 +157,53 @@ def render_group(recs: list[dict[str, Any]], *, plot: str | None = None) -> str:
     if plot:
         lines += [f"![{task['name']} Pareto plot]({plot})", ""]
     return "\n".join(lines)
+
+
+def generation_table(recs: list[dict[str, Any]]) -> list[str]:
+    """Decoders: generation throughput (tokens/s of the pruned model and its speed-up over the dense
+    one per batch size), KV-cache bytes per token, peak memory and parameters. Nothing when no
+    record measured generation (encoders, records from before the measurement)."""
+    from tabulate import tabulate
+
+    gens = [r for r in recs if not R.failed(r) and (r.get("generation") or {}).get("batches")]
+    if not gens:
+        return []
+    sizes = [b["batch_size"] for b in max((r["generation"]["batches"] for r in gens), key=len)]
+    rows = []
+    for r in gens:
+        g = r["generation"]
+        by_size = {b["batch_size"]: b for b in g["batches"]}
+        cells = []
+        for size in sizes:
+            b = by_size.get(size)
+            if b is None:
+                cells += ["-", "-"]
+                continue
+            p = b["pruned"]
+            cells.append(f"{p['tokens_per_s']:.4g} [{p['q25']:.4g}-{p['q75']:.4g}]")
+            if r["method"] == "dense":
+                cells.append("1")
+            elif b.get("flag") == "noise":
+                cells.append(f"noise ({b['speedup']:.2f}x > {b['bound']:.2f})")
+            else:
+                cells.append(f"{b['speedup']:.2f}x [{b['speedup_q25']:.2f}-{b['speedup_q75']:.2f}]")
+        kv = (g.get("kv_cache_bytes_per_token") or {}).get("pruned")
+        peak = (g.get("peak_memory") or {}).get("pruned") or {}
+        rows.append([r["method"], "dense" if r["method"] == "dense" else f"{r['budget']:g}",
+                     f"{g['params']['pruned'] / 1e6:.2f}M", "-" if kv is None else f"{kv / 1024:.1f}"]
+                    + cells + ["-" if not peak.get("bytes") else f"{peak['bytes'] / 2**20:.1f}"])
+    headers = (["method", "budget", "params", "KV KiB/token"]
+               + [h for size in sizes for h in (f"tokens/s b{size}", f"speed-up b{size}")]
+               + [f"peak MiB (b{max(sizes)})"])
+    g = gens[0]["generation"]
+    peak_how = ((g.get("peak_memory") or {}).get("pruned") or {}).get("measured_by", "-")
+    return ["Generation (greedy decoding with the KV cache):", "",
+            tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
+            f"tokens/s: batch x {g['new_tokens']} generated tokens after a {g['prompt_len']}-token prompt per "
+            f"second (prefill included), median [quartiles] over {g['rounds']} interleaved rounds, "
+            f"{g['threads']} threads, {g['device']}; speed-up: median [quartiles] of the per-round paired ratios, "
+            "'noise' above the physical bound max(1 / FLOPs kept, dense / pruned bytes read per step). KV KiB/token: "
+            f"measured from the cache after the prompt. Peak: {peak_how}.", ""]
 
 
 def _cell(rec: dict[str, Any], metric: str) -> str:

@@ -51,38 +51,29 @@ def benchmark_times(fn: Callable[[], Any], *, min_run_time: float, threads: int)
     return [float(t) for t in m.times]
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q25, median, q75) of ``values`` (inclusive method; one value: itself three times)."""
     if len(values) == 1:
         return values[0], values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], statistics.median(values), q[2]
 
 
-def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], device: str, *,
-                        rounds: int = 5, warmup: int = 2, min_run_time: float = 0.2, threads: int | None = None,
-                        reference: str | None = None,
-                        measure: Callable[..., list[float]] | None = None) -> dict[str, Any]:
-    """Forward latency of several models on one batch, timed interleaved in this process.
-
-    Every model gets ``warmup`` untimed passes; then ``rounds`` rounds, each timing every
-    model once (``measure(fn, min_run_time=, threads=)``, default :func:`benchmark_times`)
-    in an order that is reversed every other round, so drift of a shared machine hits all
-    models alike. The thread count is pinned to ``threads`` (default: torch's current) for
-    the whole measurement and restored after. Returns ``{"models": {name: stats},
-    "speedups": {name: stats}, ...}``: per model the median / quartiles / min / max (ms) of
-    its per-round medians; per model other than ``reference`` (default: the first) the
-    median and quartiles of the per-round ratios ``reference / model``.
-    """
+def interleaved_times(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, warmup: int = 2,
+                      min_run_time: float = 0.2, threads: int | None = None,
+                      measure: Callable[..., list[float]] | None = None) -> dict[str, list[float]]:
+    """Per callable, its per-round median milliseconds: ``warmup`` untimed calls each, then
+    ``rounds`` rounds timing every callable once (``measure(fn, min_run_time=, threads=)``, default
+    :func:`benchmark_times`) in an order reversed every other round, so drift of a shared machine
+    hits all alike; torch's thread count pinned to ``threads`` (default: current) and restored."""
     if rounds < 1 or warmup < 0:
         raise ValueError(f"latency needs rounds >= 1 and warmup >= 0, got {rounds} / {warmup}")
-    if not models:
+    if not fns:
         raise ValueError("latency needs at least one model")
     measure = measure or benchmark_times
-    names = list(models)
-    reference = reference or names[0]
+    names = list(fns)
     old_threads = torch.get_num_threads()
     threads = int(threads or old_threads)
-    fns = {n: _forward(m, batch, device) for n, m in models.items()}
     per_round: dict[str, list[float]] = {n: [] for n in names}
     torch.set_num_threads(threads)
     try:
@@ -95,10 +86,31 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, tor
                 per_round[name].append(statistics.median(times) * 1e3)
     finally:
         torch.set_num_threads(old_threads)
+    return per_round
+
+
+def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], device: str, *,
+                        rounds: int = 5, warmup: int = 2, min_run_time: float = 0.2, threads: int | None = None,
+                        reference: str | None = None,
+                        measure: Callable[..., list[float]] | None = None) -> dict[str, Any]:
+    """Forward latency of several models on one batch, timed interleaved in this process
+    (:func:`interleaved_times`). Returns ``{"models": {name: stats}, "speedups": {name: stats}, ...}``:
+    per model the median / quartiles / min / max (ms) of its per-round medians; per model other
+    than ``reference`` (default: the first) the median and quartiles of the per-round ratios
+    ``reference / model``.
+    """
+    if not models:
+        raise ValueError("latency needs at least one model")
+    names = list(models)
+    reference = reference or names[0]
+    threads = int(threads or torch.get_num_threads())
+    fns = {n: _forward(m, batch, device) for n, m in models.items()}
+    per_round = interleaved_times(fns, rounds=rounds, warmup=warmup, min_run_time=min_run_time, threads=threads,
+                                  measure=measure)
     shape = {"batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1])}
     stats = {}
     for name, ms in per_round.items():
-        q1, med, q3 = _quartiles(ms)
+        q1, med, q3 = quartiles(ms)
         stats[name] = {"median_ms": med, "q25_ms": q1, "q75_ms": q3, "min_ms": min(ms), "max_ms": max(ms),
                        "rounds_ms": ms, "warmup": warmup, "repeats": rounds, **shape}
         if bool(getattr(models[name].config, "is_encoder_decoder", False)):  # teacher-forced over these tokens
@@ -108,7 +120,7 @@ def interleaved_latency(models: dict[str, torch.nn.Module], batch: dict[str, tor
     for name in names:
         if name != reference:
             ratios = [a / b for a, b in zip(per_round[reference], per_round[name])]
-            q1, med, q3 = _quartiles(ratios)
+            q1, med, q3 = quartiles(ratios)
             speedups[name] = {"median": med, "q25": q1, "q75": q3}
     return {"models": stats, "speedups": speedups, "threads": threads, "min_run_time_s": min_run_time,
             "protocol": PROTOCOL, **shape}

@@ -196,7 +196,9 @@ def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, 
     ``device_memory`` (e.g. ``"8GiB"``): memory usable on the device (default: what is free);
     when the model does not fit, its layers stay on the host and move to the device one at a
     time (``offload``: ``auto`` | ``always`` | ``never``). Everything is checked from the
-    config before any weights are loaded."""
+    config before any weights are loaded. Layer-wise stages keep per-layer state in the hidden
+    sibling ``.OUTPUT.tshrink-resume`` (removed when the prune finishes): rerunning the same
+    command after a kill continues from the last finished layer (:mod:`tshrink.resume`)."""
     from tshrink.checkpoint import MANIFEST, save_pruned
     from tshrink.models import load_model, resolve_model
     from tshrink.outputs import OutputError, check_output_dir
@@ -217,8 +219,10 @@ def prune_to_dir(*, model: str | None, method: str, budget: float, output: str, 
     calib = build_calibration(plan, tok, seed=seed, batch_size=batch_size)
     fv_before = flops_or_none(net, plan.seq_len)
     start = time.perf_counter()
+    out = Path(output).expanduser().resolve()
+    resume = out.parent / f".{out.name}.tshrink-resume"  # per-layer state: a rerun after a kill continues
     result = prune(net, spec, budget, calib=calib, seq_len=plan.seq_len, options=plan.options[spec.name],
-                   pm=plan.pm, seed=seed, progress=True, placement=placement)
+                   pm=plan.pm, seed=seed, progress=True, placement=placement, resume=resume)
     report = jsonable(dict(result.report, model=plan.model, task=t.name, wall_time_s=time.perf_counter() - start,
                            dtype=str(plan.dtype).replace("torch.", ""), dtype_choice=plan.dtype_note))
     report["fvcore_flops_before"] = fv_before

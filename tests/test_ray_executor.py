@@ -21,7 +21,7 @@ TESTS = Path(__file__).resolve().parent
 QUICK = dict(latency_batch=[1], latency_warmup=0, latency_repeats=1, latency_min_time=0.0, leaderboard=False,
              reference=None)
 #: timings, host and the executor's own fields: the only ones allowed to differ between executors
-VOLATILE = {"latency", "device", "executor", "versions", "git"}
+VOLATILE = {"latency", "generation", "device", "executor", "versions", "git"}
 VOLATILE_NESTED = {("prune", "time_s"), ("prune", "timings_s"), ("evaluation", "time_s"), ("failure", "traceback")}
 
 

@@ -51,6 +51,14 @@ class PruneContext:
     #: objects a stage hands to a later stage of the same prune (e.g. a teacher mask); not recorded
     scratch: dict[str, Any] = field(default_factory=dict)
     stage: str = ""  # "kind:name" of the stage running now (set by the host)
+    resume: Any = None  # tshrink.resume.ResumeDir of this prune, or None (no per-layer state kept)
+
+    def layer_state(self, key: Any = None) -> Any:
+        """Per-layer state of the running stage for resuming after a kill
+        (:class:`tshrink.resume.StageState`: ``load(layer)`` / ``save(layer, tensors, meta)``), or
+        None when this prune keeps none. ``key``: what the stage's result depends on besides the
+        run itself (e.g. the incoming selection)."""
+        return None if self.resume is None else self.resume.stage(self.stage, key)
 
     def stream_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~tshrink.calibration.LayerStream` under this placement."""
@@ -129,6 +137,24 @@ class _Stages:
         return out
 
 
+def resume_dir(path: Any, model: nn.Module, spec: MethodSpec, opts: dict[str, Any], budget: float, seed: int,
+               calib: CalibrationData | None) -> Any:
+    """The :class:`tshrink.resume.ResumeDir` at ``path`` for this run: keyed by the model's
+    fingerprint, method, recipe, options, budget, seed and calibration bytes."""
+    import hashlib
+
+    from .resume import ResumeDir, fingerprint, key_of
+
+    h = hashlib.sha256()
+    for b in (calib.batches if calib is not None else []):
+        for k in sorted(b):
+            h.update(k.encode())
+            h.update(b[k].cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    what = {"method": spec.name, "recipe": str(spec.recipe), "options": opts, "budget": budget, "seed": seed,
+            "model": fingerprint(model), "calibration": h.hexdigest()[:16]}
+    return ResumeDir(path, key_of(what), what)
+
+
 def _check_budget(ctx: PruneContext, sel: Selection) -> None:
     frac = ctx.cost.fraction(sel)
     if frac > ctx.budget + 1e-9:
@@ -140,7 +166,7 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
           options: dict[str, Any] | None = None, pm: pluggy.PluginManager | None = None,
           device: str | torch.device | None = None, seed: int = 0, progress: bool = False,
           scores: UnitScores | None = None, copy: bool = False,
-          placement: Placement | None = None) -> PruneResult:
+          placement: Placement | None = None, resume: Any = None) -> PruneResult:
     """Compress ``model`` with ``method`` (a registered name or a recipe string).
 
     copy: False (the default) compresses ``model`` itself, in place: no second copy of the
@@ -157,6 +183,10 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     placement: where to run (:func:`tshrink.placement.plan_placement`); with layer offload
         only the modules outside the layers go to the device and the stages stream the layers
         one at a time. Overrides ``device``.
+    resume: a directory (or :class:`tshrink.resume.ResumeDir`) for per-layer state of the layer-wise
+        stages, written atomically as each layer finishes: rerunning the same call after a kill
+        continues from the last finished layer with the same result. Removed when the prune
+        finishes, unless a ResumeDir is passed (the caller removes it, e.g. after saving).
     """
     if copy:
         import copy as copying
@@ -198,6 +228,9 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
     seq = seq_len or (calib.seq_len if calib is not None else 128)
     cost = CostModel(adapter, seq) if adapter is not None else None
     ctx = PruneContext(model, adapter, cost, budget, calib, dev, seed, pm, progress)
+    own_resume = resume is not None and not hasattr(resume, "stage")
+    if resume is not None:
+        ctx.resume = resume_dir(resume, model, spec, opts, budget, seed, calib) if own_resume else resume
     if placement is not None:
         ctx.layer_offload, ctx.hidden_device = placement.layer_offload, placement.hidden_device
     torch.manual_seed(seed)
@@ -274,6 +307,8 @@ def prune(model: nn.Module, method: str | MethodSpec, budget: float = 1.0, *,
             compressed[name] = {"tensors": res.tensors, "meta": res.meta}
         transform_reports[name] = res.report
         timings[f"transform:{name}"] = time.perf_counter() - t
+    if own_resume:
+        ctx.resume.remove()
     dense_macs = cost.macs() if cost is not None else None
     kept_macs = cost.macs(adapter.widths()) if cost is not None else None
     report = {

@@ -24,3 +24,11 @@ def tracked(iterable: Iterable[T], desc: str = "", total: int | None = None) -> 
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     return tqdm(iterable, desc=desc or None, total=total, leave=False, dynamic_ncols=True)
+
+
+def note(bar: Iterable[Any], text: str) -> None:
+    """Show ``text`` after a progress bar's counts (e.g. which pass of a layer runs now); nothing
+    for an untracked iterable."""
+    set_postfix = getattr(bar, "set_postfix_str", None)
+    if set_postfix is not None:
+        set_postfix(text)

@@ -152,7 +152,8 @@ def layer_stats(adapter: Adapter, calib: CalibrationData, *, gram: str = "none",
                 heads: bool = True, neurons: bool = True, device: torch.device | str | None = None,
                 accumulator: Callable[[str, int, int, int], Accumulator] | None = None,
                 inputs: Callable[[list[torch.Tensor], list[torch.Tensor]], Any] | None = None,
-                track: Track = untracked, stream_options: dict[str, Any] | None = None) -> Iterator[LayerStats]:
+                track: Track = untracked, stream_options: dict[str, Any] | None = None,
+                skip: Callable[[int], bool] | None = None) -> Iterator[LayerStats]:
     """Yield :class:`LayerStats` for every layer in order (see the module docstring).
 
     gram: what :class:`UnitSums` keeps besides sums (``"none"``, ``"unit"`` blocks, ``"full"``).
@@ -166,12 +167,20 @@ def layer_stats(adapter: Adapter, calib: CalibrationData, *, gram: str = "none",
     track: ``ctx.track`` for a progress bar over the layers.
     stream_options: :class:`LayerStream` keywords (``ctx.stream_options()``: layer offload, where the
         hidden states live); default: layers on ``device``.
+    skip: ``skip(layer)`` True: that layer is run without statistics and not yielded (a resumed
+        prune that already has its results); not with ``sequential``.
     """
+    if skip is not None and sequential:
+        raise ValueError("layer_stats: skip= needs the non-sequential walk (a skipped layer has no keep())")
     stream = LayerStream(adapter, calib, **(stream_options or {"device": device}))
     dev = stream.device
     make = accumulator or (lambda kind, layer, units, width: UnitSums(units, width, gram=gram, device=dev))
     n_layers = adapter.num_layers
     for layer in track(range(n_layers), desc="layers"):
+        if skip is not None and skip(layer):
+            if layer < n_layers - 1:
+                stream.advance()  # the same forward as with statistics: identical inputs for the next layer
+            continue
         attn, mlp = adapter.attn(layer), adapter.mlp(layer)
         width = attn.head_dim * attn.group
         st = LayerStats(layer, attn, mlp,

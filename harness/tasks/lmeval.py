@@ -160,7 +160,8 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | di
             raise ValueError(f"include_path folder(s) {missing} do not exist")
 
     was_training = model.training
-    model.to(device)
+    if getattr(model, "hf_device_map", None) is None:  # a dispatched model (accelerate) stays where it is
+        model.to(device)
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)

@@ -49,7 +49,8 @@ SEQUENTIAL = Option("stat_sequential", "layer", "statistics of each layer from t
                     "'layer' (2 passes per layer), 'sublayer' (the MLP also sees its layer's pruned "
                     "attention; up to 3 passes), 'none' (all from the dense model, 1 pass). Default 'layer': each "
                     "layer's fold then also corrects the drift the pruned layers before it left (the paper's "
-                    "sequential pruning) at 2 passes; 'sublayer' costs a third pass per layer",
+                    "sequential pruning) at 2 passes; 'sublayer' costs a third pass per layer and measured no better "
+                    "for either kind (SmolLM2 WikiText-2, MiniLM MRPC: results/benchmarks/stat_sequential.json)",
                     ("layer", "sublayer", "none"))
 REPICK = Option("stat_repick", True, "re-choose the units of each layer by the decomposition at the "
                 "selected width (False: keep the selector's units, only fold the correction). Default on: the "
@@ -98,9 +99,10 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
         return None
     from .prune import StatConfig, stat_scores
 
-    return stat_scores(ctx.adapter, ctx.calib, StatConfig.from_options(options, ctx.seed), device=ctx.device,
+    cfg = StatConfig.from_options(options, ctx.seed)
+    return stat_scores(ctx.adapter, ctx.calib, cfg, device=ctx.device,
                        report=ctx.report.setdefault("stat:score", {}), track=ctx.track,
-                       stream_options=ctx.stream_options())
+                       stream_options=ctx.stream_options(), state=ctx.layer_state(cfg))
 
 
 @hookimpl
@@ -120,6 +122,8 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
         return None
     from .prune import StatConfig, stat_correct
 
-    return stat_correct(ctx.adapter, ctx.calib, selection, StatConfig.from_options(options, ctx.seed),
+    cfg = StatConfig.from_options(options, ctx.seed)
+    return stat_correct(ctx.adapter, ctx.calib, selection, cfg,
                         device=ctx.device, report=ctx.report.setdefault("stat:correct", {}), track=ctx.track,
-                        stream_options=ctx.stream_options())
+                        stream_options=ctx.stream_options(),
+                        state=ctx.layer_state([cfg, selection.heads, selection.neurons]))

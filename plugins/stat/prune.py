@@ -69,7 +69,7 @@ from tshrink.surgery import write_columns
 from tshrink.calibration import CalibrationData, LayerStream
 from tshrink.cost import CostModel
 from tshrink.masking import soft_masks
-from tshrink.progress import Track, untracked
+from tshrink.progress import Track, note, untracked
 from tshrink.stats import layer_stats
 from tshrink.units import Selection, UnitScores
 
@@ -273,8 +273,11 @@ def _dropped(warn: Callable[[str], None], layer: int, what: str, stats: ColumnSt
 # -- score ---------------------------------------------------------------------------------
 def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, device: torch.device,
                 report: dict[str, Any] | None = None, track: Track = untracked,
-                stream_options: dict[str, Any] | None = None) -> UnitScores:
+                stream_options: dict[str, Any] | None = None, state: Any = None) -> UnitScores:
     """Error curves of every layer on the dense model and the unit scores derived from them.
+
+    ``state`` (``ctx.layer_state()``): each layer's curves are saved as it finishes and layers
+    saved by an interrupted run are restored instead of recomputed (their forward still runs).
 
     A unit's score is its hull gain (:func:`.allocate.hull_gains`) at its pivot position:
     the (convexified) error reduction it brings, in the curves' units. ``extra["stat"]``
@@ -289,14 +292,26 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
     accumulate = lambda kind, layer, units, width: cfg.stats(  # noqa: E731
         units * width, device, seed=2 * layer + (kind == "neurons"))
     energy_of = stream_energy if cfg.error_norm == "stream" else None
+    per_layer: dict[int, dict[str, tuple[Any, torch.Tensor]]] = {}  # layer -> kind -> (curve or None, scores)
+    for layer in range(adapter.num_layers):
+        saved = state.load(layer) if state is not None else None
+        if saved is not None:
+            tensors, meta = saved
+            per_layer[layer] = {kind: (({"order": tensors[f"{kind}.order"], "errors": tensors[f"{kind}.errors"]}
+                                        if meta[kind] else None), tensors[f"{kind}.scores"])
+                                for kind in ("heads", "neurons")}
+            warnings.extend(meta.get("warnings", []))
+    if per_layer:
+        report["resumed_layers"] = sorted(per_layer)
     for st in layer_stats(adapter, calib, device=device, accumulator=accumulate, inputs=energy_of, track=track,
-                          stream_options=stream_options):
+                          stream_options=stream_options, skip=per_layer.__contains__):
         layer, a, m = st.layer, st.attn, st.mlp
+        done: dict[str, tuple[Any, torch.Tensor]] = {}
+        before = len(warnings)
         energy = st.inputs if energy_of is not None and st.inputs > 0 else 1.0
         for kind, stats, n in (("heads", st.heads, a.units), ("neurons", st.neurons, m.neurons)):
             if stats is None:
-                out[kind].append(None)
-                scores[kind].append(torch.zeros(n))
+                done[kind] = (None, torch.zeros(n))
                 continue
             _dropped(warnings.append, layer, kind, stats)
             if stats.count == 0:
@@ -311,8 +326,20 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             curve = (errors.pow(2) / energy).cpu()  # (n+1,)
             s = torch.zeros(n, dtype=_F64)
             s[order.cpu()] = hull_gains(curve)
-            out[kind].append({"order": order.cpu(), "errors": curve})
-            scores[kind].append(s.float())
+            done[kind] = ({"order": order.cpu(), "errors": curve}, s.float())
+        per_layer[layer] = done
+        if state is not None:
+            tensors = {f"{k}.scores": v[1] for k, v in done.items()}
+            for k, (curve, _) in done.items():
+                if curve is not None:
+                    tensors[f"{k}.order"], tensors[f"{k}.errors"] = curve["order"], curve["errors"]
+            state.save(layer, tensors, {"heads": done["heads"][0] is not None,
+                                        "neurons": done["neurons"][0] is not None, "warnings": warnings[before:]})
+    for layer in range(adapter.num_layers):
+        for kind in ("heads", "neurons"):
+            curve, s = per_layer[layer][kind]
+            out[kind].append(curve)
+            scores[kind].append(s)
     report["error_norm"] = cfg.error_norm
     report["route"] = "gram+pivoted-cholesky"
     if cfg.sketch != "none":
@@ -378,14 +405,19 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
 # -- correct -------------------------------------------------------------------------------
 def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection, cfg: StatConfig, *,
                  device: torch.device, report: dict[str, Any] | None = None,
-                 track: Track = untracked, stream_options: dict[str, Any] | None = None) -> Selection:
+                 track: Track = untracked, stream_options: dict[str, Any] | None = None,
+                 state: Any = None) -> Selection:
     """Layer by layer: re-decompose at the selection's widths (``cfg.repick``; otherwise keep
     its indices), fold the least-squares correction into the output projections, and run
     the pruned layer so the next one calibrates on pruned inputs (``cfg.sequential``:
     ``"sublayer"`` also re-runs a layer whose heads were pruned so that its MLP sees the
     pruned attention -- up to 3 passes per layer; ``"layer"``: MLP statistics from the same
     pass as the attention's -- 2 passes; ``"none"``: all statistics from the dense model --
-    1 pass). Returns the selection to remove (same widths)."""
+    1 pass). Returns the selection to remove (same widths).
+
+    ``state`` (``ctx.layer_state(...)``): as each layer finishes, its kept units and the folded
+    columns (and biases) of its output / down projection are saved; a rerun restores the layers an
+    interrupted run finished (then runs their advancing pass only) and continues after them."""
     report = report if report is not None else {}
     warnings: list[str] = report.setdefault("warnings", [])
     layers_report: list[dict[str, Any]] = report.setdefault("layers", [])
@@ -393,8 +425,18 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
     L = adapter.num_layers
     new_heads = [list(h) for h in selection.heads]
     new_neurons = [list(n) for n in selection.neurons]
-    for layer in track(range(L), desc="layers"):
+    bar = track(range(L), desc="layers")
+    restored: list[int] = []
+    for layer in bar:
         a, m = adapter.attn(layer), adapter.mlp(layer)
+        saved = state.load(layer) if state is not None else None
+        if saved is not None:
+            note(bar, f"layer {layer}: restored")
+            _restore_layer(stream, adapter, layer, saved, cfg, new_heads, new_neurons, layers_report, warnings,
+                           last=layer == L - 1)
+            restored.append(layer)
+            continue
+        before = len(warnings)
         bs = a.head_dim * a.group
         kh, kn = len(selection.heads[layer]), len(selection.neurons[layer])
         do_att, do_mlp = a.units > 0 and kh < a.units, m.neurons > 0 and kn < m.neurons
@@ -405,15 +447,20 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
         for what, st in (("attn", att), ("mlp", mlp)):
             if st is not None:
                 info[f"{what}_route"] = st.route + (f" ({st.note})" if st.note else "")
+        passes = 1 if cfg.sequential == "none" else (int(do_att or do_mlp) + int(not last)
+                                                       + int(cfg.sequential == "sublayer" and do_att and do_mlp))
         if cfg.sequential == "none":  # statistics of the dense model: one pass per layer
+            note(bar, f"layer {layer} pass 1/1 (statistics)")
             _pass(stream, [(a.o, att), (m.out, mlp)], advance=not last)
         elif do_att or do_mlp:
             within = cfg.sequential == "sublayer" and do_att
+            note(bar, f"layer {layer} pass 1/{passes} (statistics)")
             _pass(stream, [(a.o, att), (m.out, None if within else mlp)], advance=False)
         if do_att:
             new_heads[layer] = _correct_units(a.o, att, selection.heads[layer], bs, cfg, info, layer, warnings)
         if do_mlp:
             if cfg.sequential == "sublayer" and do_att:  # the MLP sees its pruned, corrected attention
+                note(bar, f"layer {layer} pass 2/{passes} (MLP statistics after the pruned attention)")
                 _pass(stream, [(m.out, mlp)], advance=False,
                       masks=_layer_masks(adapter, layer, new_heads[layer], None))
             moe = adapter.experts(layer) is not None  # re-picking could break equal counts per expert
@@ -421,13 +468,62 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
                 info["mlp_repick"] = "off: mixture-of-experts layer keeps the selection's neurons per expert"
             new_neurons[layer] = _correct_units(m.out, mlp, selection.neurons[layer], None, cfg, info, layer,
                                                 warnings, repick=cfg.repick and not moe)
+        if state is not None:  # before advancing: the saved state is what the advancing pass needs
+            state.save(layer, _layer_state(a.o if do_att else None, m.out if do_mlp else None, new_heads[layer],
+                                           new_neurons[layer], bs),
+                       {"heads": new_heads[layer], "neurons": new_neurons[layer], "do_att": do_att,
+                        "do_mlp": do_mlp, "info": info, "warnings": warnings[before:]})
         if cfg.sequential != "none" and not last:
+            note(bar, f"layer {layer} pass {passes}/{passes} (pruned layer, inputs of the next)")
             masks = _layer_masks(adapter, layer, new_heads[layer] if do_att else None,
                                  new_neurons[layer] if do_mlp else None)
             _pass(stream, [], advance=True, masks=masks)
         layers_report.append(info)
     stream.release()
+    if restored:
+        report["resumed_layers"] = restored
     return Selection(new_heads, new_neurons)
+
+
+def _layer_state(o: nn.Linear | None, out: nn.Linear | None, heads: list[int], neurons: list[int],
+                 bs: int) -> dict[str, torch.Tensor]:
+    """What a finished layer's correction wrote: the kept columns of the folded projections
+    (the others are removed afterwards) and their biases."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, lin, cols in (("o", o, block_columns(torch.as_tensor(heads, dtype=torch.long), bs) if o else None),
+                            ("down", out, torch.as_tensor(neurons, dtype=torch.long))):
+        if lin is None:
+            continue
+        tensors[f"{name}.cols"] = cols
+        tensors[f"{name}.weight"] = lin.weight.detach()[:, cols.to(lin.weight.device)]
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach()
+    return tensors
+
+
+def _restore_layer(stream: LayerStream, adapter: Adapter, layer: int, saved: Any, cfg: StatConfig,
+                   new_heads: list[list[int]], new_neurons: list[list[int]], layers_report: list[dict[str, Any]],
+                   warnings: list[str], *, last: bool) -> None:
+    """A layer an interrupted run finished: its weights and units back, then the same advancing pass
+    (``sequential="none"``: the dense layer's pass, before the weights change)."""
+    tensors, meta = saved
+    a, m = adapter.attn(layer), adapter.mlp(layer)
+    if cfg.sequential == "none" and not last:
+        _pass(stream, [], advance=True)
+    with torch.no_grad():
+        for name, lin in (("o", a.o), ("down", m.out)):
+            if f"{name}.weight" in tensors:
+                cols = tensors[f"{name}.cols"].to(lin.weight.device)
+                lin.weight[:, cols] = tensors[f"{name}.weight"].to(lin.weight.device, lin.weight.dtype)
+                if f"{name}.bias" in tensors:
+                    lin.bias.copy_(tensors[f"{name}.bias"].to(lin.bias.device, lin.bias.dtype))
+    new_heads[layer], new_neurons[layer] = list(meta["heads"]), list(meta["neurons"])
+    warnings.extend(meta.get("warnings", []))
+    layers_report.append(dict(meta["info"], resumed=True))
+    if cfg.sequential != "none" and not last:
+        masks = _layer_masks(adapter, layer, new_heads[layer] if meta["do_att"] else None,
+                             new_neurons[layer] if meta["do_mlp"] else None)
+        _pass(stream, [], advance=True, masks=masks)
 
 
 def _usable(stats: ColumnStats, layer: int, what: str, warnings: list[str]) -> bool:
