@@ -186,7 +186,8 @@ def test_stat_with_query_head_units_prunes_within_the_budget(family, mode):
     widths = adapter.widths()
     if mode == "query":  # every group kept, some query heads removed
         assert widths["heads"] == res.report["widths_before"]["heads"]
-    assert "group" in widths and any(g < d for g, d in zip(widths["group"], groups))
+    if mode == "query" or family == "gemma3":  # "both" may prefer whole groups; with one KV head it cannot
+        assert "group" in widths and any(g < d for g, d in zip(widths["group"], groups))
     assert widths == res.selection.widths(groups)
     assert res.report["stages"]["stat:select"]["attention_units"] == mode
     # the finer options include the group options: the estimated error is not above group units'
@@ -245,3 +246,54 @@ def test_plugins_lists_the_option_and_the_architectures_and_readme_matches_the_c
     named = set(re.findall(r"`([a-z0-9_\-]+)`", section))
     catalog = {t for types, _ in FAMILIES.values() for t in types} | set(UNSUPPORTED)
     assert catalog <= named, f"README's supported-architecture section misses {sorted(catalog - named)}"
+
+
+def test_select_query_units_by_hand():
+    """One layer, 2 groups of 2 query heads; costs kv=1, query head=2, neuron=1 (no fixed)."""
+    from types import SimpleNamespace
+
+    from tshrink.cost import LayerCost
+    from tshrink.selection import select_query_units
+    from tshrink.units import UnitScores
+
+    layer = LayerCost(head=5, neuron=1, fixed=0, kv=1, query_head=2)
+    cost = SimpleNamespace(layers=[layer], groups=[2], budget_macs=lambda b: b * 12)  # dense: 2*5 + 2 neurons
+    scores = UnitScores([torch.tensor([1.0, 1.0])], [torch.tensor([1.0, 1.0])])
+    q = [torch.tensor([3.0, 0.1, 2.0, 0.2])]  # head 0 of group 0 and head 0 of group 1 matter
+    sel = select_query_units(scores, q, cost, 8 / 12, "query", normalize="none")
+    assert sel.heads == [[0, 1]] and sel.query_heads == [[0, 2]] and sel.neurons == [[0, 1]]  # 2*(1+2) + 2 = 8
+    sel = select_query_units(scores, q, cost, 5 / 12, "both", normalize="none")
+    assert sel.heads == [[0]] and sel.query_heads == [[0]] and len(sel.neurons[0]) == 2  # 1 + 2 + 2 = 5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("mode", ["query", "both"])
+def test_magnitude_with_query_head_units(family, mode):
+    from tshrink.pipeline import prune
+
+    model = tiny_model(family, head="causal-lm")
+    groups = get_adapter(model).group_sizes()
+    res = prune(model, "magnitude", 0.6, options={"magnitude_attention_units": mode})
+    widths = get_adapter(res.model).widths()
+    assert res.report["flops_kept"] <= 0.6 + 1e-9 and widths == res.selection.widths(groups)
+    assert "group" in widths and any(g < d for g, d in zip(widths["group"], groups))
+    if mode == "query":
+        assert widths["heads"] == res.report["widths_before"]["heads"]
+
+
+def test_harness_prune_magnitude_with_query_units_from_the_cli(tmp_path):
+    import json
+
+    from _tokenizers import byte_bpe_tokenizer
+    from tshrink_harness.cli import main
+
+    tokenizer = byte_bpe_tokenizer(["some calibration text for a tiny model " * 20])
+    tiny_model("llama", head="causal-lm", vocab_size=max(97, len(tokenizer))).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    rc = main(["prune", "--method", "magnitude", "--model", str(tmp_path / "tiny"), "--flops", "0.6",
+               "--output", str(tmp_path / "p"), "--calib-samples", "4", "--seq-len", "16",
+               "--opt", "magnitude_attention_units=both"])
+    assert rc == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["options"]["magnitude_attention_units"] == "both"
+    assert get_adapter(load_pruned(tmp_path / "p")).widths() == report["widths_after"]

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from tshrink.selection import allocate_options  # noqa: F401 - the generic option allocator, re-exported
+
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -104,77 +106,3 @@ def allocate_uniform(sizes: list[int | None], unit_macs: list[int], allowed: flo
         lo, hi = (mid, hi) if macs(widths(mid)) <= allowed + 1e-6 else (lo, mid)
     return widths(lo)
 
-
-def _front(options: list[tuple[float, float]]) -> list[int]:
-    """Indices of the Pareto front by cost (cheapest first; an option is dropped when a
-    cheaper or equally cheap one has no larger error)."""
-    idx = sorted(range(len(options)), key=lambda i: (options[i][0], options[i][1], i))
-    front: list[int] = []
-    for i in idx:
-        if front and (options[i][0] == options[front[-1]][0] or options[i][1] > options[front[-1]][1]):
-            continue
-        front.append(i)
-    return front
-
-
-def allocate_options(menus: list[list[tuple[float, float]]], allowed: float) -> list[int]:
-    """One option per menu (``(macs, error)`` pairs) minimising the summed error within
-    ``allowed`` MACs: the generalisation of :func:`allocate_global` to units of unequal cost
-    (e.g. a GQA layer's ``(kept groups, query heads per group)`` options).
-
-    Every menu starts at its cheapest option. The moves along each menu's Pareto front are
-    prioritised by the slope of the lower convex hull segment they lie on (error reduction
-    per MAC) and taken greedily while they fit; a move that does not fit stops its menu.
-    Then the budget left is filled: repeatedly the single jump (to any option of any menu)
-    with the largest error reduction that fits. On curves of equal unit costs this is
-    exactly :func:`allocate_global` (the test checks it). Returns the chosen option index
-    per menu; ValueError when the cheapest options alone exceed ``allowed``.
-    """
-    fronts, steps = [], []  # steps: (priority, menu, position on the front)
-    for m, options in enumerate(menus):
-        if not options:
-            raise ValueError(f"menu {m} has no option")
-        f = _front(options)
-        fronts.append(f)
-        c = [float(options[i][0]) for i in f]
-        e = [float(options[i][1]) for i in f]
-        hull: list[int] = []
-        for k in range(len(f)):
-            while len(hull) >= 2:
-                a, b = hull[-2], hull[-1]
-                if (e[b] - e[a]) * (c[k] - c[a]) >= (e[k] - e[a]) * (c[b] - c[a]):
-                    hull.pop()
-                else:
-                    break
-            hull.append(k)
-        for a, b in zip(hull[:-1], hull[1:]):
-            slope = max((e[a] - e[b]) / (c[b] - c[a]), 0.0)
-            steps.extend((slope, m, k) for k in range(a + 1, b + 1))
-    pos = [0] * len(menus)
-    spent = sum(float(menus[m][f[0]][0]) for m, f in enumerate(fronts))
-    if spent > allowed + 1e-6:
-        raise ValueError(f"the cheapest options cost {spent:.4g} MACs, more than the {allowed:.4g} allowed")
-    blocked = [False] * len(menus)
-    for _, m, k in sorted(steps, key=lambda s: -s[0]):  # stable: ties keep menu, then position order
-        if blocked[m] or pos[m] != k - 1:
-            continue
-        f, opts = fronts[m], menus[m]
-        extra = float(opts[f[k]][0]) - float(opts[f[k - 1]][0])
-        if spent + extra <= allowed + 1e-6:
-            spent += extra
-            pos[m] = k
-        else:
-            blocked[m] = True
-    chosen = [f[p] for f, p in zip(fronts, pos)]
-    while True:  # fill what is left with the best single jump that fits
-        best = None
-        for m, opts in enumerate(menus):
-            cost0, err0 = float(opts[chosen[m]][0]), float(opts[chosen[m]][1])
-            for i, (cost, err) in enumerate(opts):
-                gain = err0 - float(err)
-                if gain > 0 and spent - cost0 + float(cost) <= allowed + 1e-6 and (best is None or gain > best[0]):
-                    best = (gain, m, i, float(cost) - cost0)
-        if best is None:
-            return chosen
-        _, m, i, extra = best
-        chosen[m], spent = i, spent + extra
