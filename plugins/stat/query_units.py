@@ -16,8 +16,11 @@ Choice of heads (greedy, exact error reductions, :func:`greedy_blocks`): the que
 ranked by a greedy pass over all ``U*g`` heads (each step adds the head whose columns reduce
 ``E`` most); a group's ``g'`` kept heads are its first ``g'`` in that ranking. For whole-group
 removal (``attention_units="both"``) the groups, each with its ``g'`` heads, are then
-ordered by a second greedy pass, giving ``E`` for ``U' = 1..U``. Cost: one ``(out, n) x (n, n)``
-product per greedy step, ``U*g + g*U`` steps per layer.
+ordered by a second greedy pass, giving ``E`` for ``U' = 1..U``. Cost per greedy step:
+``O(n^2 d + out n d)`` (a rank-``d`` update of the residual Gram and of ``W R``; ``d`` the
+columns added), about ``U*g + g*U`` steps per layer -- for a 70B layer (n = 8192, 64 query
+heads of 128) about 10^12 float64 operations per layer: a minute or two on a CPU core, far
+less on a GPU.
 """
 from __future__ import annotations
 
@@ -84,8 +87,8 @@ def greedy_blocks(G: torch.Tensor, W: torch.Tensor, candidates: list[torch.Tenso
                 best, best_gain, best_p = i, gain, P
         c = cands[best]
         F = R[:, c] @ best_p  # (n, rank): R -= F F^T projects the candidate's columns out
-        R = R - F @ F.T
-        WR = Wd @ R
+        R = R - F @ F.T  # O(n^2 rank)
+        WR = WR - (Wd @ F) @ F.T  # = W R, without an (out, n) x (n, n) product
         errors.append(max(float((WR * Wd).sum()), 0.0))
         order.append(best)
         left.remove(best)
