@@ -297,3 +297,67 @@ def test_harness_prune_magnitude_with_query_units_from_the_cli(tmp_path):
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["options"]["magnitude_attention_units"] == "both"
     assert get_adapter(load_pruned(tmp_path / "p")).widths() == report["widths_after"]
+
+
+FISHER_SEARCH = "score=fisher,select=fisher-search"
+
+
+def test_fisher_query_head_masks_give_query_head_importances():
+    """The query-head masks' gradients: each head's importance is the sum over batches of its
+    squared gradient, and a group's mask gradient is the sum of its query heads' (both masks at 1)."""
+    from plugins.fisher.collect import collect_mask_grads
+
+    adapter = get_adapter(tiny_model("llama", head="causal-lm"))
+    calib = tiny_batches("llama", n_batches=3, seq=16, labels="lm")
+    query: list[torch.Tensor] = []
+    heads, _ = collect_mask_grads(adapter, calib, query_out=query)
+    for layer, (h, q) in enumerate(zip(heads, query)):
+        g = adapter.attn(layer).group
+        assert q.shape == (h.shape[0], h.shape[1] * g)
+        torch.testing.assert_close(q.reshape(q.shape[0], -1, g).sum(-1), h, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("mode", ["query", "both"])
+def test_fisher_search_with_query_head_units(family, mode):
+    from tshrink.pipeline import prune
+
+    model = tiny_model(family, head="causal-lm")
+    groups = get_adapter(model).group_sizes()
+    calib = tiny_batches(family, n_batches=4, seq=16, labels="lm")
+    res = prune(model, FISHER_SEARCH + ",correct=stat", 0.6, calib=calib, options={"fisher_attention_units": mode})
+    widths = get_adapter(res.model).widths()
+    assert res.report["flops_kept"] <= 0.6 + 1e-9 and widths == res.selection.widths(groups)
+    assert len(res.scores.extra["query_heads"]) == len(groups)
+    if mode == "query":
+        assert widths["heads"] == res.report["widths_before"]["heads"]
+    if family == "gemma3":  # one KV head: group units drop attention whole, query units thin it
+        assert "group" in widths and all(h == 1 for h in widths["heads"])
+
+
+def test_fisher_rearrange_and_tune_refuse_query_head_units():
+    from tshrink.errors import StageError
+    from tshrink.pipeline import prune
+
+    calib = tiny_batches("gemma3", n_batches=2, seq=16, labels="lm")
+    with pytest.raises(StageError, match="fisher-rearrange' does not handle query-head units"):
+        prune(tiny_model("gemma3", head="causal-lm"), "fisher", 0.6, calib=calib,
+              options={"fisher_attention_units": "query"})
+
+
+def test_harness_prune_fisher_with_query_units_from_the_cli(tmp_path):
+    import json
+
+    from _tokenizers import byte_bpe_tokenizer
+    from tshrink_harness.cli import main
+
+    tokenizer = byte_bpe_tokenizer(["some calibration text for a tiny model " * 20])
+    tiny_model("gemma3", head="causal-lm", vocab_size=max(97, len(tokenizer))).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    rc = main(["prune", "--method", FISHER_SEARCH, "--model", str(tmp_path / "tiny"), "--flops", "0.6",
+               "--output", str(tmp_path / "p"), "--calib-samples", "4", "--seq-len", "16",
+               "--opt", "fisher_attention_units=query"])
+    assert rc == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["options"]["fisher_attention_units"] == "query" and "group" in report["widths_after"]
+    assert get_adapter(load_pruned(tmp_path / "p")).widths() == report["widths_after"]
