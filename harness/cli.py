@@ -87,10 +87,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from tshrink.manager import get_plugin_manager
     from tshrink.registry import Registry
 
+    from tshrink.arch.catalog import architecture_rows  # plain data: no torch import
+
     reg = Registry(get_plugin_manager(autoload=not args.no_autoload, block=args.block or ()))
     rows, problems = reg.rows(), [p.row() for p in reg.problems]
     if args.json:
-        print(json.dumps({"methods": rows, "problems": problems}, indent=2))
+        print(json.dumps({"methods": rows, "problems": problems, "architectures": architecture_rows()}, indent=2))
         return 0
     table = [{k: (v + " *" if k == "method" and r["headline"] else v) for k, v in r.items() if k != "headline"}
              for r in rows]
@@ -105,6 +107,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                     print(f"  calibration: {CALIBRATION_NOTE}")
                 for o in opts.values():
                     print(f"  --opt {o.name}={o.default!r}  {o.help}")
+    print("\nSupported architectures (structured pruning; quantization works on any):")
+    print(tabulate(architecture_rows(), headers="keys", tablefmt="github"))
     if problems:
         print(f"\n{len(problems)} problem(s): these plugins or methods are not usable (the others are):")
         print(tabulate(problems, headers="keys", tablefmt="github"))

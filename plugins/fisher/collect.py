@@ -98,12 +98,15 @@ def collect_mask_grads(
     track: Track = untracked,
     micro_batch: int = 0,
     chunk_tokens: int = 1024,
+    query_out: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per-batch gradients of the task loss w.r.t. unit masks at 1.
 
     Returns ``(head_grads, neuron_grads)``: per layer ``l`` a float32 CPU tensor of shape
     ``(batches, units_l)`` / ``(batches, neurons_l)``, one row per gradient mini-batch (see
     the module docstring for ``grad_batch_size``). Every batch must carry ``labels``.
+    ``query_out`` (a list, grouped-query attention): a mask per query head is installed too and
+    its per-layer ``(batches, units_l * group_l)`` gradients are appended to it.
     """
     if not isinstance(grad_batch_size, int) or grad_batch_size < 0:
         raise ValueError(f"fisher_grad_batch_size must be 'auto' or an integer >= 0 (0 = the calibration "
@@ -118,14 +121,17 @@ def collect_mask_grads(
     # masks at 1, one per unit: (units_l,) and (neurons_l,)
     heads = [torch.ones(n, device=dev, requires_grad=True) for n in adapter.head_counts()]
     neurons = [torch.ones(n, device=dev, requires_grad=True) for n in adapter.neuron_counts()]
-    masks = heads + neurons
+    queries = ([torch.ones(a.units * a.group, device=dev, requires_grad=True)
+                for a in (adapter.attn(layer) for layer in range(adapter.num_layers))]
+               if query_out is not None else [])
+    masks = heads + neurons + queries
     rows: list[list[Tensor]] = [[] for _ in masks]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
             p.requires_grad_(False)
-        with soft_masks(adapter, heads, neurons):
+        with soft_masks(adapter, heads, neurons, queries or None):
             for index, batch in enumerate(calib.batches):
                 if "labels" not in batch:
                     raise ValueError(f"calibration batch {index} from {calib.source!r} has no 'labels': "
@@ -149,4 +155,6 @@ def collect_mask_grads(
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
     stacked = [torch.stack(r) for r in rows]  # each (batches, units_l)
-    return stacked[: len(heads)], stacked[len(heads):]
+    if query_out is not None:
+        query_out.extend(stacked[len(heads) + len(neurons):])
+    return stacked[: len(heads)], stacked[len(heads): len(heads) + len(neurons)]

@@ -43,15 +43,23 @@ DAMP = Option("fisher_damp", 1e-2, "mask tuning: relative damping towards scale 
 BOUND = Option("fisher_scale_bound", 10.0, "mask tuning: a sub-layer whose scales leave [-b, b] keeps its 0/1 "
                "mask (the public code uses 10); must be >= 1")
 
+UNITS = Option("fisher_attention_units", "group", "attention units under grouped-query attention: whole KV groups "
+               "('group', the paper's heads), query heads inside the groups with every group kept and the same "
+               "number g' kept in all groups of a layer ('query'), or both ('both'); a mask per query head gives "
+               "its Fisher importance, and fisher-search trades each layer's (groups, heads per group) options and "
+               "the neurons by removed Fisher importance per MAC. fisher-rearrange and fisher-tune do not handle "
+               "query-head units yet (refused): use the recipe score=fisher,select=fisher-search[,correct=stat]. "
+               "Default 'group': the published method", ("group", "query", "both"))
+
 
 @hookimpl
 def tshrink_stages() -> list[StageSpec]:
     return [
         StageSpec("score", "fisher", "empirical Fisher diagonal of head/neuron masks from task-loss gradients",
-                  needs_calibration=True, needs_gradients=True, needs_labels=True, options=(GRAD_BATCH, MICRO_BATCH, LOSS_CHUNK),
+                  needs_calibration=True, needs_gradients=True, needs_labels=True, options=(GRAD_BATCH, MICRO_BATCH, LOSS_CHUNK, UNITS),
                   paper=PAPER),
         StageSpec("select", "fisher-search", "best split between heads and neurons under the FLOPs budget "
-                  "(global importance ranking per unit cost)", paper=PAPER),
+                  "(global importance ranking per unit cost)", options=(UNITS,), paper=PAPER),
         StageSpec("select", "fisher-latency", "Kwon et al.'s latency-aware search: a latency table per head / "
                   "neuron count measured on the run's device (cached), piecewise-linear fit, best split under the "
                   "LATENCY budget (the --flops value is read as the kept latency fraction)", paper=PAPER,
@@ -128,9 +136,10 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
 
     kind = published.task_kind(ctx.model, ctx.adapter.causal)
     size = grad_batch_size(options["fisher_grad_batch_size"], kind)
+    query = [] if options["fisher_attention_units"] != "group" else None
     head_grads, neuron_grads = collect_mask_grads(ctx.adapter, ctx.calib, device=ctx.device, grad_batch_size=size,
                                                   track=ctx.track, micro_batch=options["fisher_micro_batch"],
-                                                  chunk_tokens=options["fisher_loss_chunk"])
+                                                  chunk_tokens=options["fisher_loss_chunk"], query_out=query)
     ctx.report["fisher"] = {"grad_batches": int(head_grads[0].shape[0]) if head_grads else 0,
                             "grad_batch_size": size, "grad_batch_option": options["fisher_grad_batch_size"],
                             "micro_batch": options["fisher_micro_batch"], "loss_chunk": options["fisher_loss_chunk"]}
@@ -141,6 +150,8 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     published.record(ctx.report, kind, used)
     # travels with the scores, so a run that reuses them (harness compare, other budgets) records them too
     extra = dict(zip(GRAD_KEYS, (head_grads, neuron_grads)), fisher_settings=used)
+    if query is not None:  # one importance per query head (grouped-query attention)
+        extra["query_heads"] = [fisher_importance(g) for g in query]
     return UnitScores([fisher_importance(g) for g in head_grads], [fisher_importance(g) for g in neuron_grads],
                       extra=extra)
 
@@ -205,7 +216,16 @@ def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) ->
 
     cost = ctx.cost
 
+    mode = options["fisher_attention_units"]
+    if mode != "group" and "query_heads" not in scores.extra:
+        raise ValueError(f"fisher_attention_units={mode!r} needs the query-head importances of score stage 'fisher' "
+                         "run with the same option")
+
     def search(budget: float) -> Selection:
+        if mode != "group":  # query-head units: options per layer, removed importance per MAC
+            from tshrink.selection import select_query_units
+
+            return select_query_units(scores, scores.extra["query_heads"], cost, budget, mode, normalize="none")
         # the search sees only what the units cost: width-independent costs come off the budget first
         allowed = max(cost.budget_macs(budget) - sum(c.fixed for c in cost.layers), 0.0)
         masks = search_mask([s.double() for s in scores.heads], [s.double() for s in scores.neurons],
@@ -230,6 +250,10 @@ def tshrink_refine(name: str, ctx: Any, scores: Any, selection: Any, options: di
     from .fisher_math import fisher_loss_increase
     from .rearrange import heldout_loss, rearrange_mask
 
+    if selection.query_heads is not None:
+        raise ValueError("refine stage 'fisher-rearrange' does not handle query-head units (selection.query_heads); "
+                         "use --method 'score=fisher,select=fisher-search' (optionally ',correct=stat') with "
+                         "fisher_attention_units")
     if any(k not in scores.extra for k in GRAD_KEYS):
         raise ValueError("refine stage 'fisher-rearrange' needs the per-batch mask gradients of the 'fisher' score "
                          f"stage (scores.extra keys {list(GRAD_KEYS)}); the scores given have {sorted(scores.extra)}")
@@ -272,6 +296,9 @@ def tshrink_correct(name: str, ctx: Any, selection: Any, options: dict[str, Any]
     from . import published
     from .tune_model import CLS_FAMILIES
 
+    if selection.query_heads is not None:
+        raise ValueError("correct stage 'fisher-tune' does not handle query-head units (selection.query_heads); "
+                         "use correct=stat or no correction")
     bound = float(options["fisher_scale_bound"])
     if not bound >= 1.0:
         raise ValueError(f"fisher_scale_bound must be >= 1 (scale 1, the untuned mask, must be allowed), got {bound!r}")

@@ -11,14 +11,21 @@ NORM = Option("norm", "l2", "weight norm used as a unit's score", ("l1", "l2"))
 NORMALIZE = Option("normalize", "kind", "global ranking: divide scores by the mean of their kind "
                    "('kind'), of their kind within the layer ('layer'), or not at all", ("kind", "layer", "none"))
 PER_COST = Option("per_cost", False, "global ranking: rank by score per MAC instead of score")
+ATTENTION_UNITS = Option("magnitude_attention_units", "group", "attention units under grouped-query attention: "
+                         "whole KV groups ('group'), query heads inside the groups with every group kept and the "
+                         "same number g' kept in all groups of a layer ('query'), or both ('both'); scores per query "
+                         "head are the norms of its Q rows and output-projection columns. With 'query' / 'both' the "
+                         "global ranking trades each layer's (groups, heads per group) options and the neurons by "
+                         "removed (normalised) score per MAC (per_cost is implied). Default 'group': the "
+                         "units of the published method", ("group", "query", "both"))
 
 
 @hookimpl
 def tshrink_stages() -> list[StageSpec]:
     return [
-        StageSpec("score", "magnitude", "norm of each unit's weights", options=(NORM,)),
+        StageSpec("score", "magnitude", "norm of each unit's weights", options=(NORM, ATTENTION_UNITS)),
         StageSpec("select", "global", "one ranking over all layers, greedy under the FLOPs budget",
-                  options=(NORMALIZE, PER_COST)),
+                  options=(NORMALIZE, PER_COST, ATTENTION_UNITS)),
         StageSpec("select", "uniform", "the same kept fraction of heads and neurons in every layer"),
         StageSpec("transform", "unstructured-magnitude",
                   "zero the smallest weights of all layer Linears (sparsity = 1 - budget unless set)",
@@ -48,15 +55,29 @@ def tshrink_score(name: str, ctx: Any, options: dict[str, Any]) -> Any:
 
     from .scores import head_scores, neuron_scores
 
+    from .scores import query_head_scores
+
     n = ctx.adapter.num_layers
+    extra = {}
+    if options["magnitude_attention_units"] != "group":
+        extra["query_heads"] = [query_head_scores(ctx.adapter, i, options["norm"]) for i in range(n)]
     return UnitScores([head_scores(ctx.adapter, i, options["norm"]) for i in range(n)],
-                      [neuron_scores(ctx.adapter, i, options["norm"]) for i in range(n)])
+                      [neuron_scores(ctx.adapter, i, options["norm"]) for i in range(n)], extra)
 
 
 @hookimpl
 def tshrink_select(name: str, ctx: Any, scores: Any, options: dict[str, Any]) -> Any:
     from tshrink.selection import select_global, select_uniform
 
+    if name == "global" and options["magnitude_attention_units"] != "group":
+        from tshrink.selection import select_query_units
+
+        mode = options["magnitude_attention_units"]
+        if "query_heads" not in scores.extra:
+            raise ValueError(f"magnitude_attention_units={mode!r} needs query-head scores in scores.extra['query_heads'] "
+                             "(score stage 'magnitude' with the same option); this score stage has none")
+        return select_query_units(scores, scores.extra["query_heads"], ctx.cost, ctx.budget, mode,
+                                  normalize=options["normalize"])
     if name == "global":
         return select_global(scores, ctx.cost, ctx.budget, normalize=options["normalize"],
                              per_cost=options["per_cost"])

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from tshrink.selection import allocate_options  # noqa: F401 - the generic option allocator, re-exported
+
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -103,3 +105,4 @@ def allocate_uniform(sizes: list[int | None], unit_macs: list[int], allowed: flo
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if macs(widths(mid)) <= allowed + 1e-6 else (lo, mid)
     return widths(lo)
+

@@ -73,8 +73,9 @@ from tshrink.progress import Track, note, untracked
 from tshrink.stats import layer_stats
 from tshrink.units import Selection, UnitScores
 
-from .allocate import allocate_global, allocate_uniform, hull_gains
+from .allocate import allocate_global, allocate_options, allocate_uniform, hull_gains
 from .collect import SKETCHES, ColumnStats, stream_energy
+from .query_units import MODES as ATTENTION_UNITS, AttnOption, attention_options, choose_heads, option_macs
 from .idecomp import (block_columns, id_from_gram, least_squares_fold_rows, partial_pivoted_qr, select_blocks,
                       weighted_residuals)
 
@@ -97,6 +98,7 @@ class StatConfig:
     repick: bool = True
     damping: float = 1e-6
     head_rule: str = "block"
+    attention_units: str = "group"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +112,8 @@ class StatConfig:
             raise ValueError(f"stat_damping={self.damping!r} must be a number >= 0")
         if self.head_rule not in HEAD_RULES:
             raise ValueError(f"stat_head_rule={self.head_rule!r} is not one of {HEAD_RULES}")
+        if self.attention_units not in ATTENTION_UNITS:
+            raise ValueError(f"stat_attention_units={self.attention_units!r} is not one of {ATTENTION_UNITS}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any], seed: int = 0) -> "StatConfig":
@@ -118,7 +122,7 @@ class StatConfig:
         return cls(get("sketch", d.sketch), int(get("sketch_size", d.sketch_size)), bool(get("center", d.center)),
                    get("error_norm", d.error_norm), str(get("sequential", d.sequential)),
                    bool(get("repick", d.repick)), float(get("damping", d.damping)),
-                   str(get("head_rule", d.head_rule)), seed)
+                   str(get("head_rule", d.head_rule)), str(get("attention_units", d.attention_units)), seed)
 
     def stats(self, n: int, device: torch.device, *, target_rank: int | None = None, seed: int = 0) -> ColumnStats:
         return ColumnStats(n, sketch=self.sketch, size=self.sketch_size, target_rank=target_rank,
@@ -251,17 +255,23 @@ def _pass(stream: LayerStream, captures: list[tuple[nn.Module, ColumnStats | Non
             stream.run()
 
 
-def _layer_masks(adapter: Adapter, layer: int, heads: list[int] | None, neurons: list[int] | None):
+def _layer_masks(adapter: Adapter, layer: int, heads: list[int] | None, neurons: list[int] | None,
+                 query: list[int] | None = None):
     n = adapter.num_layers
     hm: list[torch.Tensor | None] = [None] * n
     nm: list[torch.Tensor | None] = [None] * n
+    qm: list[torch.Tensor | None] = [None] * n
     if heads is not None:
         hm[layer] = torch.zeros(adapter.attn(layer).units)
         hm[layer][heads] = 1.0
+    if query is not None:  # query-head units (GQA): one value per query head
+        a = adapter.attn(layer)
+        qm[layer] = torch.zeros(a.units * a.group)
+        qm[layer][query] = 1.0
     if neurons is not None:
         nm[layer] = torch.zeros(adapter.mlp(layer).neurons)
         nm[layer][neurons] = 1.0
-    return hm, nm
+    return hm, nm, qm
 
 
 def _dropped(warn: Callable[[str], None], layer: int, what: str, stats: ColumnStats) -> None:
@@ -286,6 +296,9 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
     """
     report = report if report is not None else {}
     warnings: list[str] = report.setdefault("warnings", [])
+    if state is not None and cfg.attention_units != "group":
+        state = None  # the per-layer state holds no query-head options: such a run restarts from layer 0
+        report["resume"] = "off: the saved layer state does not hold query-head options"
     out: dict[str, list[Any]] = {"heads": [], "neurons": []}
     scores: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": []}
     # per layer, one forward of the dense model; ColumnStats (Gram or sketch) per projection
@@ -327,6 +340,11 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             s = torch.zeros(n, dtype=_F64)
             s[order.cpu()] = hull_gains(curve)
             done[kind] = ({"order": order.cpu(), "errors": curve}, s.float())
+            if kind == "heads" and cfg.attention_units != "group":
+                # every (kept groups, query heads per group) option with its fold error, same units
+                opts = attention_options(stats.gram(center), lin.weight, a.units, a.group, a.head_dim,
+                                         cfg.attention_units, (order.cpu(), errors.pow(2).cpu()))
+                done[kind][0]["options"] = [AttnOption(o.units, o.group, o.heads, o.error / energy) for o in opts]
         per_layer[layer] = done
         if state is not None:
             tensors = {f"{k}.scores": v[1] for k, v in done.items()}
@@ -342,6 +360,7 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
             scores[kind].append(s)
     report["error_norm"] = cfg.error_norm
     report["route"] = "gram+pivoted-cholesky"
+    report["attention_units"] = cfg.attention_units
     if cfg.sketch != "none":
         report["sketch_note"] = (f"stat_sketch={cfg.sketch!r} is used at the correct stage only: scoring needs the "
                                  "error at every width, for which a sketch costs more than the exact Gram")
@@ -350,7 +369,7 @@ def stat_scores(adapter: Adapter, calib: CalibrationData, cfg: StatConfig, *, de
 
 # -- select --------------------------------------------------------------------------------
 def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocation: str = "global",
-                  prune_heads: bool = True, min_width: float = 0.0,
+                  prune_heads: bool = True, min_width: float = 0.0, attention_units: str = "group",
                   report: dict[str, Any] | None = None) -> Selection:
     """Widths per layer and kind from the error curves of ``stat_scores``; each layer keeps
     the prefix of its pivot order. ``prune_heads=False`` keeps every attention unit unless
@@ -367,6 +386,17 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
         raise ValueError("select stage 'stat-allocate' needs the error curves of score stage 'stat' "
                          "(use score=stat in the recipe)")
     heads, neurons = extra["heads"], extra["neurons"]
+    if attention_units not in ATTENTION_UNITS:
+        raise ValueError(f"stat_attention_units={attention_units!r} is not one of {ATTENTION_UNITS}")
+    if attention_units != "group":
+        if allocation != "global":
+            raise ValueError(f"stat_attention_units={attention_units!r} needs stat_allocation='global' "
+                             "(the uniform allocation has no query-head units)")
+        if any(h is not None and "options" not in h for h in heads):
+            raise ValueError(f"stat_attention_units={attention_units!r} at the select stage needs the score stage "
+                             "'stat' run with the same stat_attention_units (its scores have no query-head options)")
+        report["attention_units"] = attention_units
+        return _allocate_options(scores, cost, budget, prune_heads, min_width, report)
     fixed = sum(c.fixed for c in cost.layers)
     allowed = cost.budget_macs(budget) - fixed
     head_counts = [s.numel() for s in scores.heads]
@@ -402,6 +432,58 @@ def stat_allocate(scores: UnitScores, cost: CostModel, budget: float, *, allocat
     return sel
 
 
+def _allocate_options(scores: UnitScores, cost: CostModel, budget: float, prune_heads: bool, min_width: float,
+                      report: dict[str, Any]) -> Selection:
+    """Global allocation over each layer's attention options (kept groups x query heads per
+    group, :mod:`.query_units`) and its neuron curve, by :func:`.allocate.allocate_options`."""
+    heads, neurons = scores.extra["stat"]["heads"], scores.extra["stat"]["neurons"]
+    allowed = cost.budget_macs(budget) - sum(c.fixed for c in cost.layers)
+    groups = cost.groups
+
+    def menus(prune_attention: bool) -> tuple[list[list[tuple[float, float]]], list[list[Any]]]:
+        out, labels = [], []
+        for layer, c in enumerate(cost.layers):
+            h, units = heads[layer], scores.heads[layer].numel()
+            if h is None or not prune_attention:
+                att = [AttnOption(units, groups[layer], tuple(range(units * groups[layer])), 0.0)]
+            else:
+                floor = int(min_width * units)
+                att = [o for o in h["options"] if o.units >= floor]
+            out.append([(float(option_macs(o, c.kv, c.query_head)), o.error) for o in att])
+            labels.append(att)
+            n, curve = scores.neurons[layer].numel(), neurons[layer]
+            ks = [n] if curve is None else list(range(min(int(min_width * n), max(n - 1, 0)), n + 1))
+            out.append([(float(k * c.neuron), 0.0 if curve is None else float(curve["errors"][k])) for k in ks])
+            labels.append(ks)
+        return out, labels
+
+    m, labels = menus(prune_heads)
+    try:
+        chosen = allocate_options(m, allowed)
+    except ValueError:
+        if prune_heads:
+            raise
+        report.setdefault("warnings", []).append(
+            f"budget {budget} is below the cost of the unpruned attention: attention units are pruned as well")
+        m, labels = menus(True)
+        chosen = allocate_options(m, allowed)
+    sel_heads, sel_neurons, query = [], [], []
+    estimated = 0.0
+    for layer in range(len(cost.layers)):
+        opt: AttnOption = labels[2 * layer][chosen[2 * layer]]
+        k = labels[2 * layer + 1][chosen[2 * layer + 1]]
+        estimated += m[2 * layer][chosen[2 * layer]][1] + m[2 * layer + 1][chosen[2 * layer + 1]][1]
+        g = groups[layer]
+        sel_heads.append(opt.kept_units(g) if opt.units else [])
+        query.append(list(opt.heads) if opt.units and opt.group < g else None)
+        curve = neurons[layer]
+        sel_neurons.append(list(range(k)) if curve is None else curve["order"][:k].tolist())
+    report["estimated_error"] = estimated
+    report["attention"] = [{"units": len(h), "group": len(q) // max(len(h), 1) if q is not None else groups[i]}
+                           for i, (h, q) in enumerate(zip(sel_heads, query))]
+    return Selection(sel_heads, sel_neurons, query if any(q is not None for q in query) else None)
+
+
 # -- correct -------------------------------------------------------------------------------
 def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection, cfg: StatConfig, *,
                  device: torch.device, report: dict[str, Any] | None = None,
@@ -423,8 +505,14 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
     layers_report: list[dict[str, Any]] = report.setdefault("layers", [])
     stream = LayerStream(adapter, calib, **(stream_options or {"device": device}))
     L = adapter.num_layers
+    if state is not None and (selection.query_heads is not None
+                              or any(adapter.experts(i) is not None for i in range(L))):
+        state = None  # the saved layer state holds neither query heads nor expert-view writes
+        report["resume"] = "off: query-head units or mixture-of-experts layers (not in the saved layer state)"
     new_heads = [list(h) for h in selection.heads]
     new_neurons = [list(n) for n in selection.neurons]
+    given_query = selection.query_heads or [None] * L
+    new_query: list[list[int] | None] = [None if q is None else list(q) for q in given_query]
     bar = track(range(L), desc="layers")
     restored: list[int] = []
     for layer in bar:
@@ -439,7 +527,8 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
         before = len(warnings)
         bs = a.head_dim * a.group
         kh, kn = len(selection.heads[layer]), len(selection.neurons[layer])
-        do_att, do_mlp = a.units > 0 and kh < a.units, m.neurons > 0 and kn < m.neurons
+        q = given_query[layer]
+        do_att, do_mlp = a.units > 0 and (kh < a.units or q is not None), m.neurons > 0 and kn < m.neurons
         last = layer == L - 1
         att = cfg.stats(a.o.in_features, device, target_rank=kh * bs, seed=2 * layer) if do_att else None
         mlp = cfg.stats(m.neurons, device, target_rank=kn, seed=2 * layer + 1) if do_mlp else None
@@ -456,13 +545,16 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
             within = cfg.sequential == "sublayer" and do_att
             note(bar, f"layer {layer} pass 1/{passes} (statistics)")
             _pass(stream, [(a.o, att), (m.out, None if within else mlp)], advance=False)
-        if do_att:
+        if do_att and q is not None:
+            new_heads[layer], new_query[layer] = _correct_query_heads(a, att, selection.heads[layer], q, cfg, info,
+                                                                      layer, warnings)
+        elif do_att:
             new_heads[layer] = _correct_units(a.o, att, selection.heads[layer], bs, cfg, info, layer, warnings)
         if do_mlp:
             if cfg.sequential == "sublayer" and do_att:  # the MLP sees its pruned, corrected attention
                 note(bar, f"layer {layer} pass 2/{passes} (MLP statistics after the pruned attention)")
                 _pass(stream, [(m.out, mlp)], advance=False,
-                      masks=_layer_masks(adapter, layer, new_heads[layer], None))
+                      masks=_layer_masks(adapter, layer, new_heads[layer], None, new_query[layer]))
             moe = adapter.experts(layer) is not None  # re-picking could break equal counts per expert
             if moe:
                 info["mlp_repick"] = "off: mixture-of-experts layer keeps the selection's neurons per expert"
@@ -476,13 +568,35 @@ def stat_correct(adapter: Adapter, calib: CalibrationData, selection: Selection,
         if cfg.sequential != "none" and not last:
             note(bar, f"layer {layer} pass {passes}/{passes} (pruned layer, inputs of the next)")
             masks = _layer_masks(adapter, layer, new_heads[layer] if do_att else None,
-                                 new_neurons[layer] if do_mlp else None)
+                                 new_neurons[layer] if do_mlp else None, new_query[layer] if do_att else None)
             _pass(stream, [], advance=True, masks=masks)
         layers_report.append(info)
     stream.release()
     if restored:
         report["resumed_layers"] = restored
-    return Selection(new_heads, new_neurons)
+    return Selection(new_heads, new_neurons, new_query if any(q is not None for q in new_query) else None)
+
+
+def _correct_query_heads(a: Any, stats: ColumnStats, given: list[int], query: list[int], cfg: StatConfig,
+                         info: dict[str, Any], layer: int, warnings: list[str]) -> tuple[list[int], list[int]]:
+    """Query-head units: re-pick (``cfg.repick``) ``len(given)`` groups with the selection's
+    ``g'`` query heads each by :func:`.query_units.choose_heads` on this layer's statistics,
+    and fold the least-squares correction over the kept query heads' columns into the
+    output projection. Returns (kept groups, kept query heads)."""
+    if not _usable(stats, layer, "attention", warnings):
+        return list(given), list(query)
+    center = cfg.center and a.o.bias is not None
+    per_group = len(query) // max(len(given), 1)
+    heads = list(query)
+    if cfg.repick:
+        heads = choose_heads(stats.gram(center), a.o.weight, a.units, a.group, a.head_dim, len(given), per_group)
+    info["query_heads_per_group"] = per_group
+    why = fold_into(a.o, stats, block_columns(torch.as_tensor(heads, dtype=torch.long), a.head_dim), center,
+                    cfg.damping)
+    if why is not None:
+        warnings.append(f"layer {layer} attention: {why}; kept the incoming selection without correction")
+        return list(given), list(query)
+    return sorted({h // a.group for h in heads}), sorted(heads)
 
 
 def _layer_state(o: nn.Linear | None, out: nn.Linear | None, heads: list[int], neurons: list[int],
