@@ -58,7 +58,7 @@ HEAD_RULE = Option("stat_head_rule", "block", "head (or KV-group) order: greedy 
                    "of the output projection's input, each block scaled by its output columns ('block'), or "
                    "pivoted Cholesky of the units x units Gram of per-unit traces scaled by the output columns' "
                    "norms ('trace', the STAT prototype's rule). Default 'block': with it `stat` is not below the "
-                   "prototype beyond the seed spread on SST-2, MRPC and STS-B (benchmarks/stat_vs_prototype.py)",
+                   "prototype beyond the seed spread on SST-2, MRPC, STS-B, RTE (benchmarks/stat_vs_prototype.py)",
                    ("block", "trace"))
 DAMPING = Option("stat_damping", 1e-6, "ridge of the least-squares fold, relative to the mean column energy. "
                  "Default 1e-6: only guards rank-deficient Grams (dead or duplicate units) without biasing the fold")
