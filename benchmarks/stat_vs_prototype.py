@@ -111,14 +111,31 @@ def summarise(records: list[dict[str, Any]], metric: str) -> str:
         if r["label"] not in labels:
             labels.append(r["label"])
         groups.setdefault((r["setting"], r["label"]), {}).setdefault("v", []).append(r["metrics"][metric])
-    lines = ["| setting | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    others = [lab for lab in labels if lab != "prototype"] if "prototype" in labels else []
+    head = labels + [f"{lab} − prototype" for lab in others]
+    lines = ["| setting | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for s in settings:
         cells = []
         for lab in labels:
             v = groups.get((s, lab), {}).get("v")
             cells.append("" if not v else f"{statistics.mean(v):.1f} ± {max(v) - min(v):.1f} ({len(v)})")
+        proto = groups.get((s, "prototype"), {}).get("v")
+        cells += [verdict(groups.get((s, lab), {}).get("v"), proto) for lab in others]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def verdict(values: list[float] | None, proto: list[float] | None) -> str:
+    """Difference of the means against the noise, the larger of the two seed spreads
+    (max - min): 'below' only when the method is below the prototype by more than that."""
+    if not values or not proto:
+        return ""
+    diff = statistics.mean(values) - statistics.mean(proto)
+    if min(len(values), len(proto)) < 2:
+        return f"{diff:+.1f} (1 seed: no noise estimate)"
+    noise = max(max(values) - min(values), max(proto) - min(proto))
+    word = "**below**" if diff < -noise else ("above" if diff > noise else "within noise")
+    return f"{diff:+.1f} (noise {noise:.1f}: {word})"
 
 
 def merge(paths: list[str], stem: Path) -> str:

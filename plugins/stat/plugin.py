@@ -58,8 +58,8 @@ REPICK = Option("stat_repick", True, "re-choose the units of each layer by the d
 HEAD_RULE = Option("stat_head_rule", "block", "head (or KV-group) order: greedy block-pivoted decomposition "
                    "of the output projection's input, each block scaled by its output columns ('block'), or "
                    "pivoted Cholesky of the units x units Gram of per-unit traces scaled by the output columns' "
-                   "norms ('trace', the STAT prototype's rule). Default 'block': on SST-2 (the only task "
-                   "measured against the prototype so far) the plugin is not below the prototype with it",
+                   "norms ('trace', the STAT prototype's rule). Default 'block': with it `stat` is not below the "
+                   "prototype beyond the seed spread on SST-2, MRPC, STS-B, RTE (benchmarks/stat_vs_prototype.py)",
                    ("block", "trace"))
 ATTENTION_UNITS = Option("stat_attention_units", "group", "attention units under grouped-query attention: whole "
                          "KV groups ('group'), query heads inside the groups, every group kept and the same number "
